@@ -1,0 +1,549 @@
+"""Frozen, validated run configuration, built from defaults < TOML file < command line.
+
+Every option lives in exactly one section dataclass; its command-line flag is the field name in
+kebab-case (``max_epochs`` -> ``--max-epochs``) and the same name (kebab or snake case) is accepted
+in a TOML file given with ``--config``, either at the top level or inside a table named after its
+section (``[optim]``). The command-line parser and the TOML reader are generated from the dataclass
+fields, so an option is declared once.
+
+Contract: constructing any section validates it in ``__post_init__`` and raises
+:class:`ConfigError` with a one-line message that names the flag and what is allowed. This module
+imports nothing from torch or the rest of ``distrib``, so a bad configuration is rejected before
+any process group exists and before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NoReturn, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message is one line meant for the user."""
+
+
+def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None,
+         metavar: str | None = None, fingerprint: bool = True, flag: str | None = None) -> Any:
+    """Declare an option: its default, help text, allowed choices.
+
+    ``fingerprint=False`` marks options that do not change the training trajectory (paths,
+    logging, retention); they are left out of :meth:`Config.fingerprint`.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None,
+            "metavar": metavar, "fingerprint": fingerprint, "flag": flag}
+    if isinstance(default, (dict, list)):
+        factory: Callable[[], Any] = (lambda d=default: type(d)(d))
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag for a field name: ``max_epochs`` -> ``--max-epochs``."""
+    return _FLAG_OVERRIDES.get(name, "--" + name.replace("_", "-"))
+
+
+_FLAG_OVERRIDES = {"task_args": "--task-arg", "storage_options": "--storage-option"}
+
+
+def _fail(name: str, message: str) -> NoReturn:
+    raise ConfigError(f"{flag_name(name)}: {message}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(name, f"must be a finite number (got {value})")
+    if value < 0 or (value == 0 and not allow_zero):
+        _fail(name, f"must be {'>= 0' if allow_zero else '> 0'} (got {value})")
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        _fail(name, f"invalid choice {value!r} (choose from {', '.join(choices)})")
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULERS = ("none", "step", "cosine", "plateau", "warmup-cosine")
+PRECISIONS = ("32", "bf16", "fp16")
+LOSSES = ("auto", "cross-entropy", "mse", "l1", "smooth-l1")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MODES = ("min", "max")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """What to train and how the loop runs."""
+
+    task: str = _opt("distrib.tasks.classifier:build",
+                     "the task to train, as MODULE:FUNCTION; the function receives the Config and "
+                     "returns a distrib.Task", metavar="MODULE:FUNCTION")
+    task_args: dict[str, str] = _opt({}, "a task-specific option KEY=VALUE (repeatable); the task "
+                                     "reads them from config.train.task_args", metavar="KEY=VALUE",
+                                     flag="--task-arg")
+    loss: str = _opt("auto", "loss function, for tasks that offer several ('auto': the task's "
+                     "default; sequence task: mse, l1, smooth-l1)", choices=LOSSES)
+    seed: int = _opt(0, "seed for data, model init, sampler order and every RNG")
+    max_epochs: int = _opt(20, "stop after this many epochs")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit)")
+    batch_size: int = _opt(64, "samples per rank per micro-step (the global batch is "
+                           "batch-size x world size x grad-accum-steps)")
+    grad_accum_steps: int = _opt(1, "micro-steps per optimizer step; gradients are synchronised "
+                                 "across ranks only on the last one")
+    eval_every_epochs: int = _opt(1, "run validation every N epochs (and after the last one)")
+    num_workers: int = _opt(0, "data-loader worker processes per rank", fingerprint=False)
+    precision: str = _opt("32", "32-bit, bfloat16 autocast, or float16 autocast with a GradScaler",
+                          choices=PRECISIONS)
+    clip_grad_norm: float | None = _opt(None, "clip the global gradient norm to this value")
+    clip_grad_value: float | None = _opt(None, "clip every gradient element to [-v, v]")
+    dist_timeout: float = _opt(300.0, "seconds a collective may wait for a peer before the job "
+                               "fails (a rank that died does not hang the others forever)",
+                               fingerprint=False)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.task or self.task.startswith(":") or self.task.endswith(":"):
+            _fail("task", f"must be MODULE:FUNCTION (got {self.task!r})")
+        _choice("loss", self.loss, LOSSES)
+        _choice("precision", self.precision, PRECISIONS)
+        for name in ("max_epochs", "batch_size", "grad_accum_steps", "eval_every_epochs"):
+            _positive(name, getattr(self, name))
+        for name in ("max_steps", "num_workers", "seed"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        for name in ("clip_grad_norm", "clip_grad_value", "dist_timeout"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    """The optimizer (ignored when the task brings its own optimizer factory)."""
+
+    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(0.0, "weight decay (decoupled for adamw)")
+    momentum: float = _opt(0.9, "momentum for sgd and rmsprop")
+    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam/AdamW betas as B1,B2", metavar="B1,B2")
+
+    def __post_init__(self) -> None:
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _positive("lr", self.lr)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        if not 0.0 <= self.momentum < 1.0:
+            _fail("momentum", f"must be in [0, 1) (got {self.momentum})")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("betas", f"must be two numbers in [0, 1) (got {self.betas})")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SchedConfig:
+    """The learning-rate schedule (ignored when the task brings its own scheduler factory)."""
+
+    scheduler: str = _opt("none", "'step': multiply by gamma every step-size epochs; 'cosine': "
+                          "cosine decay to min-lr over the run's optimizer steps; 'plateau': "
+                          "multiply by plateau-factor when the monitored metric stalls; "
+                          "'warmup-cosine': linear warm-up then cosine", choices=SCHEDULERS)
+    step_size: int = _opt(5, "epochs between decays (step)")
+    gamma: float = _opt(0.1, "decay factor (step)")
+    min_lr: float = _opt(0.0, "final learning rate (cosine, warmup-cosine)")
+    warmup_steps: int = _opt(100, "optimizer steps of linear warm-up (warmup-cosine)")
+    plateau_factor: float = _opt(0.1, "decay factor (plateau)")
+    plateau_patience: int = _opt(2, "evaluations without improvement before a decay (plateau)")
+
+    def __post_init__(self) -> None:
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _positive("step_size", self.step_size)
+        _positive("min_lr", self.min_lr, allow_zero=True)
+        _positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("plateau_patience", self.plateau_patience, allow_zero=True)
+        for name in ("gamma", "plateau_factor"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                _fail(name, f"must be in (0, 1] (got {getattr(self, name)})")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointConfig:
+    """Where and when checkpoints are written."""
+
+    checkpoint_dir: str = _opt("./checkpoints", "checkpoint location: a local path or an fsspec "
+                               "URL (file://, s3://bucket/prefix, memory://)", metavar="URL",
+                               fingerprint=False)
+    save_every_steps: int = _opt(0, "checkpoint every N optimizer steps (0: off)",
+                                 fingerprint=False)
+    save_every_epochs: int = _opt(1, "checkpoint at the end of every N epochs (0: off; the last "
+                                  "epoch is always saved)", fingerprint=False)
+    keep_last: int = _opt(3, "keep the newest K checkpoints", fingerprint=False)
+    keep_best: int = _opt(0, "also keep the K best checkpoints by --monitor", fingerprint=False)
+    async_save: bool = _opt(True, "write checkpoints in a background thread after a quick "
+                            "in-memory snapshot", fingerprint=False)
+    shard_size_mb: float = _opt(256.0, "largest checkpoint shard file, in MB", fingerprint=False)
+    max_failed_saves: int = _opt(3, "end the job after this many consecutive failed saves",
+                                 fingerprint=False)
+    resume: str = _opt("auto", "'auto': continue from the newest valid checkpoint in "
+                       "--checkpoint-dir if there is one; 'never': start fresh (refuses a "
+                       "directory holding checkpoints unless --force-restart); or the URL of one "
+                       "step-N checkpoint directory to load", metavar="auto|never|URL",
+                       fingerprint=False)
+    force_restart: bool = _opt(False, "delete the checkpoints in --checkpoint-dir and start over "
+                               "(also after a finished run)", fingerprint=False)
+    storage_options: dict[str, str] = _opt({}, "an fsspec storage option KEY=VALUE (repeatable; "
+                                           "values are parsed as JSON when they can be)",
+                                           metavar="KEY=VALUE", fingerprint=False,
+                                           flag="--storage-option")
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_dir.strip():
+            _fail("checkpoint_dir", "must not be empty")
+        if not self.resume.strip():
+            _fail("resume", "must be auto, never or a checkpoint URL")
+        for name in ("save_every_steps", "save_every_epochs", "keep_best"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        for name in ("keep_last", "shard_size_mb", "max_failed_saves"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EarlyStopConfig:
+    """The monitored metric (early stopping, the plateau schedule, the best checkpoint)."""
+
+    monitor: str = _opt("val_loss", "the metric that decides 'better': val_loss, train_loss or "
+                        "val_<name> for a metric the task reports")
+    mode: str = _opt("min", "whether lower (min) or higher (max) values of --monitor are better",
+                     choices=MODES)
+    early_stop: bool = _opt(True, "stop when --monitor stops improving")
+    patience: int = _opt(3, "evaluations without improvement before stopping")
+    min_delta: float = _opt(0.0, "an improvement must beat the best by more than this")
+    stopping_threshold: float | None = _opt(None, "stop once --monitor is better than this")
+    divergence_threshold: float | None = _opt(None, "stop once --monitor is worse than this")
+    check_finite: bool = _opt(True, "stop when --monitor is NaN or infinite")
+    baseline: float | None = _opt(None, "improvements count only once they beat this value")
+    start_from_epoch: int = _opt(0, "ignore the evaluations of the first N epochs")
+    restore_best: bool = _opt(False, "end with the weights of the best evaluation")
+
+    def __post_init__(self) -> None:
+        if not self.monitor.strip():
+            _fail("monitor", "must name a metric")
+        _choice("mode", self.mode, MODES)
+        _positive("patience", self.patience, allow_zero=True)
+        _positive("start_from_epoch", self.start_from_epoch, allow_zero=True)
+        if not math.isfinite(self.min_delta) or self.min_delta < 0:
+            _fail("min_delta", f"must be a finite number >= 0 (got {self.min_delta})")
+        for name in ("stopping_threshold", "divergence_threshold", "baseline"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                _fail(name, f"must be a finite number (got {value})")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LogConfig:
+    """Progress and logging."""
+
+    progress: bool = _opt(True, "a progress bar on rank 0 (only when stdout is a terminal)",
+                          fingerprint=False)
+    log_level: str = _opt("info", "log level of rank 0 (other ranks log warnings and errors only)",
+                          choices=LOG_LEVELS, fingerprint=False)
+    log_every_steps: int = _opt(50, "log the running train loss every N optimizer steps (0: off)",
+                                fingerprint=False)
+
+    def __post_init__(self) -> None:
+        _choice("log_level", self.log_level, LOG_LEVELS)
+        _positive("log_every_steps", self.log_every_steps, allow_zero=True)
+
+
+SECTIONS: dict[str, type] = {
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "sched": SchedConfig,
+    "ckpt": CheckpointConfig,
+    "early_stop": EarlyStopConfig,
+    "log": LogConfig,
+}
+SECTION_TITLES = {
+    "train": "task and training loop",
+    "optim": "optimizer",
+    "sched": "learning-rate schedule",
+    "ckpt": "checkpoints",
+    "early_stop": "early stopping and the monitored metric",
+    "log": "progress and logging",
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    """The whole run configuration: one frozen dataclass per concern.
+
+    Build it in Python with the sections (``Config(optim=OptimConfig(lr=0.1))``), from a flat
+    mapping of option names (:meth:`from_dict`), or from command-line arguments (:meth:`from_args`).
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "Config":
+        """Build from option names (snake or kebab case, flat or nested by section).
+
+        Raises :class:`ConfigError` for an unknown name, a value of the wrong type, or an invalid
+        value.
+        """
+        flat = _flatten(values, source)
+        return _build({name: _coerce(OPTION_INDEX[name][1], v, source) for name, v in flat.items()})
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> "Config":
+        """Parse command-line arguments (with an optional ``--config FILE``); see :func:`parse_args`."""
+        return parse_args(argv)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat, JSON-able mapping of every option name to its value."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some options changed, by flat option name (validated again)."""
+        merged = self.to_dict()
+        changes = {_canonical(k): v for k, v in changes.items()}
+        for name in changes:
+            if name not in OPTION_INDEX:
+                raise ConfigError(f"unknown option {name!r}{_suggest(name)}")
+        merged.update(changes)
+        return Config.from_dict(merged)
+
+    def fingerprint(self) -> str:
+        """A short hash of the options that shape the training trajectory.
+
+        Two runs with equal fingerprints follow the same trajectory from the same checkpoint;
+        paths, logging, retention and worker counts are excluded.
+        """
+        relevant = {name: value for name, value in self.to_dict().items()
+                    if OPTION_INDEX[name][1].metadata["fingerprint"]}
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+OPTION_INDEX: dict[str, tuple[str, dataclasses.Field[Any]]] = {
+    f.name: (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+}
+_ALIASES = {flag[2:].replace("-", "_"): name for name, flag in _FLAG_OVERRIDES.items()}
+
+
+def _build(values: Mapping[str, Any]) -> Config:
+    """Construct every section from already type-checked option values (validates them)."""
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for name, value in values.items():
+        sections[OPTION_INDEX[name][0]][name] = value
+    return Config(**{s: SECTIONS[s](**kw) for s, kw in sections.items()})
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name.replace("-", "_"), list(OPTION_INDEX), n=1)
+    return f" (did you mean {flag_name(close[0])}?)" if close else ""
+
+
+def _canonical(key: object) -> str:
+    name = str(key).replace("-", "_")
+    return _ALIASES.get(name, name)
+
+
+def _flatten(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = _canonical(key)
+        if name in SECTIONS and isinstance(value, Mapping):
+            for sub_key, sub_value in value.items():
+                sub = _canonical(sub_key)
+                if OPTION_INDEX.get(sub, ("",))[0] != name:
+                    raise ConfigError(f"{source}: unknown option {sub_key!r} in [{key}]{_suggest(sub)}")
+                flat[sub] = sub_value
+        elif name in OPTION_INDEX:
+            flat[name] = value
+        else:
+            raise ConfigError(f"{source}: unknown option {key!r}{_suggest(name)}")
+    return flat
+
+
+def _field_type(f: dataclasses.Field[Any]) -> tuple[Any, bool]:
+    """The field's base type and whether it is optional (``X | None``)."""
+    hint = typing.get_type_hints(SECTIONS[OPTION_INDEX[f.name][0]])[f.name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
+    """Check a value from a TOML file or dict against the field's type (ints widen to floats)."""
+    base, optional = _field_type(f)
+    where = f"{source}: {f.name.replace('_', '-')}"
+    if value is None and optional:
+        return None
+    origin = typing.get_origin(base)
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, str, bool) and type(value) is base:
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_coerce_scalar(float, v, where) for v in value)
+    if origin is dict and isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    raise ConfigError(f"{where}: expected {_type_word(base, optional)}, got {value!r}")
+
+
+def _coerce_scalar(kind: type, value: Any, where: str) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return kind(value)
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
+
+
+def _type_word(base: Any, optional: bool) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    word = words.get(base, "a list" if typing.get_origin(base) is tuple else "a table")
+    return word + (" (or omit it)" if optional else "")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, suggest a close flag, and exit with code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            bad = message.split(":", 1)[1].split()
+            first = next((b for b in bad if b.startswith("--")), bad[0] if bad else "")
+            message += _suggest(first.lstrip("-").split("=")[0]) if first.startswith("--") else ""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parse_key_values(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _parse_pair(text: str) -> tuple[float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return None if text.lower() in ("none", "off") else kind(text)
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid float value"
+    return convert
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def build_parser(prog: str = "python -m distrib.train",
+                 extra: Callable[[argparse.ArgumentParser], None] | None = None
+                 ) -> argparse.ArgumentParser:
+    """The command-line parser generated from the config sections.
+
+    Every option's default is ``SUPPRESS`` so that only flags actually given override the file.
+    """
+    parser = _Parser(prog=prog, allow_abbrev=False, usage="%(prog)s [options]",
+                     description="Train a model with DDP; checkpoints and resumes automatically.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.toml", default=None,
+                        help="read options from a TOML file (command-line flags override it)")
+    if extra is not None:
+        extra(parser)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(SECTION_TITLES[section])
+        for f in dataclasses.fields(cls):
+            _add_option(group, f)
+    return parser
+
+
+def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> None:
+    base, optional = _field_type(f)
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    help_text = f"{meta['help']} (default: {shown if shown != {} else 'none'})"
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+    if meta["metavar"]:
+        kw["metavar"] = meta["metavar"]
+    if base is bool:
+        group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kw)
+        return
+    if typing.get_origin(base) is dict:
+        group.add_argument(flag_name(f.name), type=_parse_key_values, action="append", **kw)
+        return
+    if typing.get_origin(base) is tuple:
+        kind: Callable[[str], Any] = _parse_pair
+    elif base in (int, float):
+        kind = _number(base)
+    else:
+        kind = str
+    if meta["choices"]:
+        kw["choices"] = meta["choices"]
+    group.add_argument(flag_name(f.name), type=_optional(kind) if optional else kind, **kw)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read a TOML config file; any problem is a :class:`ConfigError` naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+
+
+def config_from_namespace(ns: argparse.Namespace) -> Config:
+    """Merge defaults < ``--config`` file < flags given on the command line."""
+    values: dict[str, Any] = {}
+    path = getattr(ns, "config", None)
+    if path:
+        for name, value in _flatten(read_toml(path), path).items():
+            values[name] = _coerce(OPTION_INDEX[name][1], value, path)
+    for name in OPTION_INDEX:
+        if hasattr(ns, name):  # given on the command line (defaults are SUPPRESSed)
+            value = getattr(ns, name)
+            values[name] = dict(value) if isinstance(value, list) else value
+    return _build(values)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse ``argv``; on a bad flag argparse exits with code 2, a bad value raises ConfigError."""
+    return config_from_namespace(build_parser().parse_args(argv))

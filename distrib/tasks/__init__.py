@@ -1,0 +1,108 @@
+"""The task interface users implement, and the loader for ``--task MODULE:FUNCTION``.
+
+A task is a function ``build(config: distrib.Config) -> distrib.Task``. It is called on every rank
+**before** the process group exists, after ``torch.manual_seed(config.train.seed)``, so it must not
+use ``torch.distributed`` and must build the same model on every rank (DDP also broadcasts rank 0's
+weights at start-up). It may raise :class:`distrib.ConfigError` to reject options it does not
+support; the command line turns that into a one-line error with exit code 2.
+
+Batches: each dataset item is an ``(input, target)`` pair; the trainer calls
+``loss_fn(model(input), target)``. Metrics map a name to ``fn(output, target) -> Tensor`` of one
+value per sample; the trainer averages them exactly over the whole validation set, across ranks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+import torch
+from torch.utils.data import Dataset
+
+from distrib.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+MetricFn = Callable[[Any, Any], torch.Tensor]
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter], Config], torch.optim.Optimizer]
+# (optimizer, config, total optimizer steps of the run) -> scheduler, stepped once per optimizer step
+SchedulerFactory = Callable[[torch.optim.Optimizer, Config, int], "LRScheduler"]
+
+
+@dataclass
+class Task:
+    """Everything the trainer needs from the user.
+
+    Attributes:
+        model: the module to train (on CPU; the trainer moves it to the rank's device).
+        train_dataset: map-style dataset of ``(input, target)`` pairs.
+        val_dataset: map-style dataset for validation, or None to skip validation.
+        loss_fn: ``loss_fn(output, target)`` -> scalar mean loss over the batch.
+        metrics: extra validation metrics, name -> per-sample values (see module docstring).
+        optimizer_factory: builds the optimizer; default: from ``--optimizer`` and friends.
+        scheduler_factory: builds a per-optimizer-step LR scheduler; default: from ``--scheduler``.
+        collate_fn: optional ``DataLoader`` collate function.
+    """
+
+    model: torch.nn.Module
+    train_dataset: Dataset[Any]
+    val_dataset: Dataset[Any] | None
+    loss_fn: LossFn
+    metrics: Mapping[str, MetricFn] = field(default_factory=dict)
+    optimizer_factory: OptimizerFactory | None = None
+    scheduler_factory: SchedulerFactory | None = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+
+
+TaskBuilder = Callable[[Config], Task]
+
+
+def resolve_builder(spec: str) -> TaskBuilder:
+    """Import ``MODULE:FUNCTION``; a :class:`ConfigError` names what failed (exit code 2)."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--task: cannot import module {module_name!r}: {exc}") from None
+    except Exception as exc:  # a user module that fails while importing: same clear line
+        raise ConfigError(f"--task: importing {module_name!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    builder = getattr(module, func_name, None)
+    if not callable(builder):
+        raise ConfigError(f"--task: module {module_name!r} has no function {func_name!r}")
+    return builder  # type: ignore[no-any-return]
+
+
+def build_task(config: Config) -> Task:
+    """Seed torch, call the configured builder, and check that it returned a :class:`Task`."""
+    builder = resolve_builder(config.train.task)
+    torch.manual_seed(config.train.seed)
+    task = builder(config)
+    if not isinstance(task, Task):
+        raise ConfigError(f"--task: {config.train.task} returned {type(task).__name__}, "
+                          "expected a distrib.Task")
+    return task
+
+
+def task_arg(config: Config, key: str, kind: Callable[[str], Any], default: Any) -> Any:
+    """Read a ``--task-arg KEY=VALUE`` option, converted with ``kind``; ConfigError if malformed."""
+    raw = config.train.task_args.get(key)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"--task-arg: {key}={raw!r} is not a valid "
+                          f"{getattr(kind, '__name__', 'value')}") from None
+
+
+def check_task_args(config: Config, known: Iterable[str]) -> None:
+    """Reject ``--task-arg`` keys the task does not understand, naming the ones it does."""
+    allowed = sorted(known)
+    for key in config.train.task_args:
+        if key not in allowed:
+            raise ConfigError(f"--task-arg: unknown key {key!r} for {config.train.task} "
+                              f"(known: {', '.join(allowed) or 'none'})")
