@@ -1,0 +1,262 @@
+"""Checkpoint policy across ranks: who writes, in the background, what is kept, what is resumed.
+
+All ranks construct a :class:`Checkpointer` and call :meth:`~Checkpointer.save`,
+:meth:`~Checkpointer.plan_start` and :meth:`~Checkpointer.load` at the same points (they contain
+collectives). Only rank 0 writes. A save gathers every rank's per-rank state to rank 0, copies all
+tensors into a reusable CPU buffer (the only part the training thread waits for when saves are
+asynchronous) and hands the buffer to one background writer thread. One save is in flight at a
+time: a save that comes due while the previous one is still writing waits for it and logs the wait.
+
+A failed save is logged and training continues from the previous checkpoint; ``max_failed_saves``
+consecutive failures make :attr:`Checkpointer.fatal` true (rank 0), which the trainer agrees on
+across ranks at the next step boundary and turns into an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from distrib import dist
+from distrib.checkpoint import (CheckpointError, CheckpointInfo, CheckpointStore,
+                                CorruptCheckpoint, LoadedCheckpoint, step_dir)
+from distrib.serialization import FlatBuffer, flatten_state, plan_layout, unflatten_state
+from distrib.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StartPlan:
+    """Rank 0's decision at start-up, broadcast to every rank."""
+
+    kind: str  # "fresh" | "resume" | "complete" | "error"
+    root: str = ""  # the storage root of the checkpoint to load
+    name: str = ""  # its step directory
+    message: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+
+def retention(infos: list[CheckpointInfo], keep_last: int, keep_best: int,
+              mode: str) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
+    """Split checkpoints into (kept, deleted): the newest ``keep_last`` valid ones, the
+    ``keep_best`` valid ones with the best metric, never the newest; everything that is not valid
+    and older than the newest valid one is deleted."""
+    valid = [i for i in infos if i.status == "valid"]
+    if not valid:
+        return infos, []
+    newest = max(i.step for i in valid)
+    keep = {i.step for i in sorted(valid, key=lambda i: i.step)[-max(1, keep_last):]}
+    scored = [i for i in valid if i.metric is not None]
+    scored.sort(key=lambda i: i.metric if mode == "min" else -i.metric)  # type: ignore[operator]
+    keep |= {i.step for i in scored[:keep_best]}
+    deleted = [i for i in infos if i.step not in keep and i.step < newest]
+    return [i for i in infos if i not in deleted], deleted
+
+
+class Checkpointer:
+    """Rank-aware checkpoint writer and loader; see the module docstring."""
+
+    def __init__(self, store: CheckpointStore, *, rank: int, async_save: bool = True,
+                 keep_last: int = 3, keep_best: int = 0, mode: str = "min",
+                 max_failed_saves: int = 3) -> None:
+        self.store = store
+        self.rank = rank
+        self.async_save = async_save
+        self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
+        self.max_failed_saves = max_failed_saves
+        self.failures = 0
+        self.fatal = False
+        self.last_saved_step: int | None = None
+        self.last_save_seconds = 0.0
+        self.stall_seconds = 0.0
+        self._buffer = FlatBuffer()
+        self._thread: threading.Thread | None = None
+        self._result: tuple[int, float, int, BaseException | None] | None = None
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, state: dict[str, Any], per_rank: Any, meta: dict[str, Any],
+             *, blocking: bool = False, replace: bool = False) -> None:
+        """Checkpoint ``state`` (identical on all ranks) plus every rank's ``per_rank`` at ``step``.
+
+        Collective: every rank calls it. ``blocking`` waits for the write (end of training,
+        preemption); ``replace`` first deletes an existing checkpoint of the same step.
+        """
+        gathered = dist.gather_objects(per_rank)
+        self.last_saved_step = step  # known on every rank: decisions built on it stay symmetric
+        if self.rank != 0:
+            return
+        started = time.perf_counter()
+        self._join(waiting_for=step)
+        skeleton, tensors = flatten_state({**state, "per_rank": gathered})
+        layout = plan_layout(tensors)
+        self._buffer.fill(tensors, layout)
+        self.stall_seconds = time.perf_counter() - started
+        if replace:
+            existing = self.store.inspect(step)
+            if existing.status != "incomplete" or existing.manifest:
+                self.store.delete(existing)
+        args = (step, layout, skeleton, meta)
+        if self.async_save and not blocking:
+            self._thread = threading.Thread(target=self._write, args=args,
+                                            name=f"distrib-ckpt-{step}", daemon=True)
+            self._thread.start()
+        else:
+            self._write(*args)
+            self._collect()
+
+    def _write(self, step: int, layout: Any, skeleton: Any, meta: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            self.store.write(step, self._buffer, layout, skeleton, meta)
+            self._prune(step)
+        except BaseException as exc:  # reported on the training thread by _collect
+            error = exc
+        self._result = (step, time.perf_counter() - started, layout.total, error)
+
+    def _prune(self, newest: int) -> None:
+        _, deleted = retention(self.store.scan(), self.keep_last, self.keep_best, self.mode)
+        for info in deleted:
+            self.store.delete(info)
+        self.store.collect_orphans(newest)
+
+    def _join(self, waiting_for: int | None = None) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            t0 = time.perf_counter()
+            if waiting_for is not None:
+                log.info("checkpoint at step %d waits for the save of step %d to finish",
+                         waiting_for, self.last_saved_step)
+            thread.join()
+            if waiting_for is not None:
+                log.info("waited %.2fs for the previous save", time.perf_counter() - t0)
+        self._thread = None
+        self._collect()
+
+    def _collect(self) -> None:
+        """Account for a finished write: log it, count failures, set :attr:`fatal`."""
+        if self._result is None:
+            return
+        step, seconds, nbytes, error = self._result
+        self._result = None
+        self.last_save_seconds = seconds
+        if error is None:
+            self.failures = 0
+            log.info("checkpoint step %d saved to %s/%s (%.1f MB in %.2fs)", step,
+                     self.store.storage.url, step_dir(step), nbytes / 1e6, seconds)
+            return
+        self.failures += 1
+        log.error("checkpoint step %d failed (%d/%d consecutive): %s: %s", step, self.failures,
+                  self.max_failed_saves, type(error).__name__, error)
+        if self.failures >= self.max_failed_saves:
+            self.fatal = True
+
+    def poll(self) -> bool:
+        """Rank 0: account for a finished background write; return :attr:`fatal`. Never blocks."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._join()
+        return self.fatal
+
+    def wait(self) -> bool:
+        """Wait for the write in flight (rank 0); return :attr:`fatal`."""
+        self._join()
+        return self.fatal
+
+    # ------------------------------------------------------------------ starting
+
+    def plan_start(self, resume: str, force_restart: bool, storage_options: dict[str, Any]
+                   ) -> tuple[StartPlan, LoadedCheckpoint | None]:
+        """Decide (on rank 0) how this run starts and broadcast it. Collective.
+
+        Returns the plan and, on rank 0 when resuming, the already verified checkpoint.
+        """
+        plan, loaded = StartPlan("fresh"), None
+        if self.rank == 0:
+            try:
+                plan, loaded = self._decide(resume, force_restart, storage_options)
+            except Exception as exc:  # no collective here: the error travels in the plan
+                plan = StartPlan("error", message=f"{type(exc).__name__}: {exc}")
+        plan = dist.broadcast_object(plan)
+        return plan, loaded
+
+    def _decide(self, resume: str, force_restart: bool, options: dict[str, Any]
+                ) -> tuple[StartPlan, LoadedCheckpoint | None]:
+        if force_restart:
+            self._wipe()
+            return StartPlan("fresh", message="--force-restart: previous checkpoints deleted"), None
+        if resume not in ("auto", "never"):
+            return self._decide_explicit(resume, options)
+        infos = self.store.scan()
+        committed = [i for i in infos if i.manifest]
+        done = self.store.completion()
+        if resume == "never":
+            if committed or done is not None:
+                return StartPlan("error", message=(
+                    f"--resume never: {self.store.storage.url} already holds checkpoints"
+                    f"{' of a finished run' if done is not None else ''}; use --force-restart "
+                    "to start over")), None
+            return StartPlan("fresh"), None
+        if done is not None:
+            return StartPlan("complete", message=f"run already complete ({done})"), None
+        skipped = []
+        for info in reversed(committed):
+            if info.status != "valid":
+                skipped.append(f"{info.name}: {info.problem}")
+                continue
+            try:
+                loaded = self.store.read(info)
+            except CorruptCheckpoint as exc:
+                skipped.append(str(exc))
+                continue
+            return StartPlan("resume", self.store.storage.url, info.name, skipped=skipped), loaded
+        if committed:
+            return StartPlan("error", skipped=skipped, message=(
+                f"{self.store.storage.url} holds {len(committed)} checkpoint(s) but none is "
+                f"valid ({'; '.join(skipped)}); refusing to start fresh over them "
+                "(use --force-restart to discard them)")), None
+        return StartPlan("fresh"), None
+
+    def _decide_explicit(self, url: str, options: dict[str, Any]
+                         ) -> tuple[StartPlan, LoadedCheckpoint | None]:
+        root, _, name = url.rstrip("/").rpartition("/")
+        store = CheckpointStore(open_storage(root or ".", options))
+        match = name.startswith("step-") and name[5:].isdigit()
+        info = store.inspect(int(name[5:]), name) if match else None
+        if info is None or info.status != "valid":
+            why = info.problem if info else "not a step-N checkpoint directory"
+            return StartPlan("error", message=f"--resume {url}: {why}"), None
+        return StartPlan("resume", store.storage.url, name), store.read(info)
+
+    def _wipe(self) -> None:
+        infos = self.store.scan()
+        for info in infos:
+            self.store.delete(info)
+        self.store.collect_orphans(2**62)
+        self.store.clear_complete()
+        if infos:
+            log.warning("--force-restart: deleted %d checkpoint(s) in %s", len(infos),
+                        self.store.storage.url)
+
+    def load(self, plan: StartPlan, preloaded: LoadedCheckpoint | None,
+             storage_options: dict[str, Any]) -> tuple[dict[str, Any], CheckpointInfo]:
+        """Every rank reads the planned checkpoint (rank 0 reuses its verified copy). Collective:
+        if any rank fails to read it, every rank raises CheckpointError."""
+        loaded, error = preloaded, ""
+        if loaded is None:
+            try:
+                store = (self.store if plan.root == self.store.storage.url
+                         else CheckpointStore(open_storage(plan.root, storage_options)))
+                info = store.inspect(int(plan.name[5:]), plan.name)
+                loaded = store.read(info)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        if dist.any_rank(bool(error)):
+            raise CheckpointError(f"not every rank could read {plan.root}/{plan.name}"
+                                  + (f": {error}" if error else ""))
+        assert loaded is not None
+        return unflatten_state(loaded.skeleton, loaded.tensors), loaded.info

@@ -1,0 +1,179 @@
+"""Turn a nested training state into JSON plus one flat byte stream of tensor data, and back.
+
+No pickle is involved in either direction, so loading a checkpoint can never execute code:
+
+* :func:`flatten_state` walks dicts, lists, tuples, numbers, strings, None, tensors and numpy
+  arrays. Tensors are replaced by ``{"__tensor__": i}`` and collected in a list; tuples, dicts with
+  non-string keys and non-finite floats are tagged so that :func:`unflatten_state` rebuilds them
+  exactly (an optimizer's integer state keys stay integers). Any other type is a TypeError that
+  names where in the state it was found.
+* :func:`plan_layout` places every tensor's bytes in one stream (64-byte aligned);
+  :class:`FlatBuffer` is a reusable CPU buffer (pinned when CUDA is present) that a snapshot is
+  copied into, and from which shard files are written as contiguous slices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+ALIGN = 64
+_TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__")
+
+
+def flatten_state(obj: Any) -> tuple[Any, list[torch.Tensor]]:
+    """Split ``obj`` into a JSON-able skeleton and the list of tensors it references."""
+    tensors: list[torch.Tensor] = []
+    return _encode(obj, tensors, "state"), tensors
+
+
+def _encode(obj: Any, tensors: list[torch.Tensor], where: str) -> Any:
+    if obj is None or isinstance(obj, (bool, str, int)) and not isinstance(obj, np.generic):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj.detach())
+        return {"__tensor__": len(tensors) - 1}
+    if isinstance(obj, np.ndarray):
+        tensors.append(torch.from_numpy(np.ascontiguousarray(obj)))
+        return {"__ndarray__": len(tensors) - 1}
+    if isinstance(obj, np.generic):
+        return _encode(obj.item(), tensors, where)
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in _TAGS for k in obj):
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        return {"__dict__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")]
+                             for k, v in obj.items()]}
+    raise TypeError(f"cannot checkpoint {type(obj).__name__} at {where}; use tensors, numbers, "
+                    "strings, lists, tuples and dicts")
+
+
+def unflatten_state(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if len(skeleton) == 1:
+        (tag, value), = skeleton.items()
+        if tag == "__tensor__":
+            return tensors[value]
+        if tag == "__ndarray__":
+            return tensors[value].numpy()
+        if tag == "__tuple__":
+            return tuple(unflatten_state(v, tensors) for v in value)
+        if tag == "__float__":
+            return float(value)
+        if tag == "__dict__":
+            return {_freeze(unflatten_state(k, tensors)): unflatten_state(v, tensors)
+                    for k, v in value}
+    return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
+
+
+def _freeze(key: Any) -> Any:
+    return tuple(_freeze(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie in the stream."""
+
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> list[Any]:
+        return [self.offset, self.nbytes, self.dtype, list(self.shape)]
+
+    @staticmethod
+    def from_json(raw: list[Any]) -> "TensorEntry":
+        offset, nbytes, dtype, shape = raw
+        return TensorEntry(int(offset), int(nbytes), str(dtype), tuple(int(s) for s in shape))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The placement of every tensor in one byte stream of ``total`` bytes."""
+
+    entries: tuple[TensorEntry, ...]
+    total: int
+
+
+def plan_layout(tensors: list[torch.Tensor]) -> Layout:
+    """Place ``tensors`` one after another, each at a 64-byte aligned offset."""
+    entries, offset = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        entries.append(TensorEntry(offset, nbytes, str(t.dtype).removeprefix("torch."),
+                                   tuple(t.shape)))
+        offset += -(-nbytes // ALIGN) * ALIGN
+    return Layout(tuple(entries), offset)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r} in checkpoint")
+    return dtype
+
+
+def _place(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """The view of ``buffer`` that holds ``entry``'s tensor."""
+    raw = buffer[entry.offset:entry.offset + entry.nbytes]
+    dtype = _dtype(entry.dtype)
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    return raw.view(dtype).view(entry.shape)
+
+
+class FlatBuffer:
+    """A reusable uint8 CPU buffer that snapshots tensors at their layout offsets.
+
+    The buffer is reallocated only when a layout needs more bytes than it holds, so periodic saves
+    of the same state reuse one allocation. On CUDA machines it is pinned so device-to-host copies
+    are asynchronous DMA transfers.
+    """
+
+    def __init__(self) -> None:
+        self.data = torch.empty(0, dtype=torch.uint8)
+        self.pending: torch.cuda.Event | None = None
+
+    def fill(self, tensors: list[torch.Tensor], layout: Layout) -> None:
+        """Copy ``tensors`` into the buffer. On CUDA the copies are enqueued, not awaited: call
+        :meth:`ready` (from any thread) before reading the bytes."""
+        if self.data.numel() < layout.total:
+            pin = torch.cuda.is_available()
+            self.data = torch.empty(layout.total, dtype=torch.uint8, pin_memory=pin)
+        on_cuda = False
+        for t, entry in zip(tensors, layout.entries):
+            if entry.nbytes:
+                _place(self.data, entry).copy_(t, non_blocking=t.is_cuda)
+                on_cuda = on_cuda or t.is_cuda
+        self.pending = None
+        if on_cuda:
+            self.pending = torch.cuda.Event()
+            self.pending.record()
+
+    def ready(self) -> None:
+        """Block until every copy enqueued by :meth:`fill` has landed."""
+        if self.pending is not None:
+            self.pending.synchronize()
+            self.pending = None
+
+    def view(self, start: int, stop: int) -> memoryview:
+        """Bytes ``[start, stop)`` of the buffer, without a copy."""
+        return memoryview(self.data.numpy()).cast("B")[start:stop]
+
+
+def tensors_from_buffer(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """The tensors of ``layout`` as views into ``buffer`` (which they keep alive)."""
+    return [_place(buffer, entry) for entry in layout.entries]
