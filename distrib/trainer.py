@@ -1,0 +1,543 @@
+"""The training loop: resume -> steps -> evaluate -> decide -> save, the same on every rank.
+
+Every rank executes the same sequence of collectives: DDP's gradient all-reduce on the last
+micro-step of each optimizer step, the (sum, count) reductions at the end of an epoch, the
+broadcast of rank 0's early-stopping decision, and the checkpoint gathers. Decisions that end the
+loop (max steps, early stop, a fatal checkpoint failure) are either computed from globally reduced
+values or broadcast, so no rank is ever left waiting in a collective another rank has left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import DataLoader, Dataset
+
+from distrib import dist
+from distrib.checkpoint import CheckpointError, CheckpointStore
+from distrib.checkpointer import Checkpointer
+from distrib.config import Config, ConfigError
+from distrib.early_stopping import EarlyStopping
+from distrib.logs import Progress, progress_enabled, setup_logging
+from distrib.optim import build_optimizer, build_scheduler, current_lr
+from distrib.sampler import ResumableSampler
+from distrib.state import capture_rng, derive_seed, restore_rng, seed_everything, seed_worker
+from distrib.storage import open_storage, parse_options
+from distrib.tasks import Task, build_task
+
+log = logging.getLogger(__name__)
+
+
+class Callback:
+    """Hooks into the loop. Every rank calls every hook; keep collectives symmetric."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+    def on_step_end(self, trainer: "Trainer") -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None: ...
+    def on_fit_end(self, trainer: "Trainer", result: "FitResult") -> None: ...
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns (identical on every rank)."""
+
+    stop_reason: str  # max_epochs | max_steps | early_stop | already_complete
+    epochs: int  # epochs completed
+    global_step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    message: str = ""
+    best_epoch: int | None = None
+    best_value: float | None = None
+    model: torch.nn.Module | None = None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _batch_len(target: Any) -> int:
+    if isinstance(target, torch.Tensor):
+        return int(target.shape[0]) if target.dim() else 1
+    return len(target)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Trainer:
+    """Train a :class:`~distrib.tasks.Task` with DDP, early stopping and checkpoints.
+
+    Args:
+        config: the run configuration.
+        task: the task; built from ``config.train.task`` when omitted.
+        callbacks: loop hooks (see :class:`Callback`).
+
+    :meth:`fit` must be called on every rank. It creates the process group from the torchrun
+    environment if none exists (and destroys it again on return, also on error).
+    """
+
+    def __init__(self, config: Config, task: Task | None = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.config = config
+        self.task = task
+        self.callbacks = list(callbacks)
+        self.epoch = 0
+        self.global_step = 0
+        self.samples_done = 0  # samples of the current epoch consumed, over all ranks
+        self.history: list[dict[str, float]] = []
+        self.stop_reason: str | None = None
+        self.stop_message = ""
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_metric: float | None = None
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._loss_count = 0
+        self.resumed_step: int | None = None
+
+    # ================================================================== set-up
+
+    def fit(self) -> FitResult:
+        """Run (or resume) training to the end; see the class docstring."""
+        info, owns_group = dist.setup(self.config.train.dist_timeout)
+        self.info = info
+        setup_logging(info.rank, self.config.log.log_level)
+        try:
+            result = self._fit()
+            dist.barrier()  # nobody leaves while a peer may still be talking to it
+            return result
+        finally:
+            if owns_group:
+                dist.teardown()
+
+    def _fit(self) -> FitResult:
+        cfg = self.config
+        if self.task is None:
+            self.task = build_task(cfg)
+        self.metric_names = self.check_monitor(cfg, self.task)
+        seed_everything(derive_seed(cfg.train.seed, "rank", self.info.rank))
+        self._build_model(self.task)
+        self._build_optim(self.task)
+        self.checkpointer = self._build_checkpointer()
+        self.agreement = dist.LaggedAgreement(1)
+        started = self._start()
+        if started is not None:
+            return started
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        while self.stop_reason is None:
+            self._run_epoch()
+        return self._finish()
+
+    @staticmethod
+    def check_monitor(config: Config, task: Task) -> list[str]:
+        """The metric names ``task`` reports; ConfigError if ``--monitor`` is not one of them."""
+        names = ["train_loss"]
+        if task.val_dataset is not None:
+            names += ["val_loss"] + [f"val_{name}" for name in task.metrics]
+        if config.early_stop.monitor not in names:
+            raise ConfigError(f"--monitor: {config.early_stop.monitor!r} is not reported by "
+                              f"this task (choose from {', '.join(names)})")
+        return names
+
+    def _build_model(self, task: Task) -> None:
+        self.device = self.info.device
+        self.module = task.model.to(self.device)
+        self.model: torch.nn.Module = self.module
+        if dist.world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(self.module, device_ids=ids)
+        ds = self.config.train
+        self.train_sampler = ResumableSampler(len(task.train_dataset),  # type: ignore[arg-type]
+                                              num_replicas=dist.world_size(),
+                                              rank=dist.rank(), shuffle=True, seed=ds.seed)
+        batches = math.ceil(len(self.train_sampler) / ds.batch_size)
+        self.steps_per_epoch = max(1, math.ceil(batches / ds.grad_accum_steps))
+
+    def _build_optim(self, task: Task) -> None:
+        cfg = self.config
+        factory = task.optimizer_factory or build_optimizer
+        self.optimizer = factory(self.module.parameters(), cfg)
+        total = cfg.train.max_steps or self.steps_per_epoch * cfg.train.max_epochs
+        if task.scheduler_factory is not None:
+            self.scheduler: Any = task.scheduler_factory(self.optimizer, cfg, total)
+        else:
+            self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, total)
+        fp16 = cfg.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+        es = cfg.early_stop
+        self.early_stopping = EarlyStopping(
+            monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta,
+            stopping_threshold=es.stopping_threshold, divergence_threshold=es.divergence_threshold,
+            check_finite=es.check_finite, baseline=es.baseline,
+            start_from_epoch=es.start_from_epoch, restore_best_weights=es.restore_best)
+
+    def _build_checkpointer(self) -> Checkpointer:
+        c = self.config.ckpt
+        store = CheckpointStore(open_storage(c.checkpoint_dir, self.storage_options),
+                                shard_bytes=int(c.shard_size_mb * 2**20))
+        return Checkpointer(store, rank=dist.rank(), async_save=c.async_save,
+                            keep_last=c.keep_last, keep_best=c.keep_best,
+                            mode=self.config.early_stop.mode, max_failed_saves=c.max_failed_saves)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return parse_options(self.config.ckpt.storage_options)
+
+    # ================================================================== resume
+
+    def _start(self) -> FitResult | None:
+        """Resume, start fresh, or report an already complete run. Collective."""
+        c = self.config.ckpt
+        plan, loaded = self.checkpointer.plan_start(c.resume, c.force_restart,
+                                                    self.storage_options)
+        for skipped in plan.skipped if dist.rank() == 0 else ():
+            log.warning("skipping checkpoint %s", skipped)
+        if plan.kind == "error":
+            raise CheckpointError(plan.message)
+        if plan.kind == "complete":
+            log.info("%s: nothing to do (use --force-restart to train again)", plan.message)
+            return FitResult("already_complete", 0, 0, message=plan.message)
+        if plan.message and dist.rank() == 0:
+            log.warning("%s", plan.message)
+        if plan.kind == "resume":
+            state, info = self.checkpointer.load(plan, loaded, self.storage_options)
+            self._restore(state, info.manifest)
+        return None
+
+    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(state shared by all ranks, this rank's own state) for a checkpoint."""
+        shared = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "early_stopping": self.early_stopping.state_dict(),
+            "best_model": self.best_state,
+            "progress": {"epoch": self.epoch, "global_step": self.global_step,
+                         "samples_done": self.samples_done, "world_size": dist.world_size(),
+                         "last_metric": self.last_metric},
+            "history": self.history,
+        }
+        per_rank = {"rng": capture_rng(),
+                    "train_loss": [float(self._loss_sum), self._loss_count]}
+        return shared, per_rank
+
+    def _restore(self, state: dict[str, Any], manifest: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        self.best_state = state["best_model"]
+        p = state["progress"]
+        self.epoch, self.global_step = int(p["epoch"]), int(p["global_step"])
+        self.samples_done, self.last_metric = int(p["samples_done"]), p["last_metric"]
+        self.history = list(state["history"])
+        self._restore_per_rank(state["per_rank"], int(p["world_size"]))
+        age = time.time() - float(manifest.get("created", time.time()))
+        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch (saved %.0fs ago)",
+                 manifest.get("name", f"step {self.global_step}"), self.epoch, self.global_step,
+                 self.samples_done, age)
+        self.resumed_step = self.global_step
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        """Set the stop reason if the restored state has already reached the end of training."""
+        t = self.config.train
+        if self.early_stopping.stopped and self.config.early_stop.early_stop:
+            self.stop_reason, self.stop_message = "early_stop", self.early_stopping.reason or ""
+        elif t.max_steps and self.global_step >= t.max_steps:
+            self.stop_reason, self.stop_message = "max_steps", f"reached --max-steps {t.max_steps}"
+        elif self.epoch >= t.max_epochs:
+            self.stop_reason = "max_epochs"
+            self.stop_message = f"reached --max-epochs {t.max_epochs}"
+
+    def _restore_per_rank(self, per_rank: list[dict[str, Any]], saved_world: int) -> None:
+        rank, world = dist.rank(), dist.world_size()
+        if saved_world == world:
+            mine = per_rank[rank]
+            restore_rng(mine["rng"])
+            self._loss_sum = torch.tensor(mine["train_loss"][0], dtype=torch.float64)
+            self._loss_count = int(mine["train_loss"][1])
+            return
+        log.warning("resuming a %d-rank checkpoint with %d ranks: the number of samples seen is "
+                    "preserved, but the run is no longer bit-identical to an uninterrupted one",
+                    saved_world, world)
+        if rank < saved_world:
+            restore_rng(per_rank[rank]["rng"])
+        if rank == 0:  # keep the epoch's global train-loss sum exact
+            self._loss_sum = torch.tensor(sum(r["train_loss"][0] for r in per_rank),
+                                          dtype=torch.float64)
+            self._loss_count = sum(int(r["train_loss"][1]) for r in per_rank)
+
+    # ================================================================== the loop
+
+    def _loader(self, dataset: Dataset[Any], sampler: ResumableSampler, purpose: str
+                ) -> DataLoader[Any]:
+        """A loader whose worker seeds derive from (seed, purpose, epoch, rank) and which never
+        draws from the global RNG (so dropout streams are the same with or without resume)."""
+        t = self.config.train
+        gen = torch.Generator().manual_seed(derive_seed(t.seed, purpose, self.epoch, dist.rank()))
+        return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler,
+                          num_workers=t.num_workers, collate_fn=self.task.collate_fn,  # type: ignore[union-attr]
+                          pin_memory=self.device.type == "cuda", generator=gen,
+                          worker_init_fn=seed_worker if t.num_workers else None)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        precision = self.config.train.precision
+        if precision == "32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _run_epoch(self) -> None:
+        cfg, task = self.config, self.task
+        assert task is not None
+        self.train_sampler.set_epoch(self.epoch, start=self.samples_done)
+        loader = self._loader(task.train_dataset, self.train_sampler, "train")
+        n, accum = len(loader), cfg.train.grad_accum_steps
+        progress = Progress(progress_enabled(cfg.log.progress, dist.rank()))
+        self.model.train()
+        started, samples = time.perf_counter(), 0
+        for i, (inputs, target) in enumerate(progress.wrap(loader, n, f"epoch {self.epoch}")):
+            group_start = i - i % accum
+            group_size = min(accum, n - group_start)
+            last_micro = i == group_start + group_size - 1
+            samples += self._micro_step(inputs, target, sync=last_micro, scale=1.0 / group_size)
+            self.samples_done += cfg.train.batch_size * dist.world_size()
+            if last_micro:
+                self._optimizer_step()
+                progress.set_postfix(loss=f"{self._running_loss():.4f}")
+                if self._step_boundary(last_of_epoch=i == n - 1):
+                    return
+        self._end_epoch(time.perf_counter() - started, samples * dist.world_size())
+
+    def _micro_step(self, inputs: Any, target: Any, *, sync: bool, scale: float) -> int:
+        inputs, target = _to(inputs, self.device), _to(target, self.device)
+        no_sync = isinstance(self.model, DDP) and not sync
+        with self.model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+            with self._autocast():
+                loss = self.task.loss_fn(self.model(inputs), target)  # type: ignore[union-attr]
+            scaled = loss * scale
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        count = _batch_len(target)
+        self._loss_sum += loss.detach().double().cpu() * count
+        self._loss_count += count
+        return count
+
+    def _optimizer_step(self) -> None:
+        t = self.config.train
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.scaler is not None and (t.clip_grad_norm or t.clip_grad_value):
+            self.scaler.unscale_(self.optimizer)
+        if t.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+        if t.clip_grad_value:
+            torch.nn.utils.clip_grad_value_(params, t.clip_grad_value)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and not isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.step()
+        self.global_step += 1
+
+    def _running_loss(self) -> float:
+        return float(self._loss_sum) / max(1, self._loss_count)
+
+    def _step_boundary(self, last_of_epoch: bool) -> bool:
+        """After an optimizer step: hooks, logging, periodic saves. True ends the epoch early."""
+        cfg = self.config
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+        every = cfg.log.log_every_steps
+        if every and self.global_step % every == 0:
+            log.info("step %d | epoch %d | loss %.4f | lr %.3g", self.global_step, self.epoch,
+                     self._running_loss(), current_lr(self.optimizer))
+        self._check_agreement(self.agreement.exchange([self.checkpointer.poll()]))
+        if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
+            self.stop_reason = "max_steps"
+            self.stop_message = f"reached --max-steps {cfg.train.max_steps}"
+            return True
+        every = cfg.ckpt.save_every_steps
+        if every and self.global_step % every == 0 and not (last_of_epoch and self._epoch_save_due()):
+            self._save()
+        return False
+
+    def _check_agreement(self, agreed: list[bool]) -> None:
+        """Act on flags every rank agreed on (see :class:`distrib.dist.LaggedAgreement`)."""
+        if agreed[0]:
+            raise CheckpointError(f"{self.config.ckpt.max_failed_saves} consecutive checkpoint "
+                                  "saves failed; stopping (the newest committed checkpoint is "
+                                  "intact)")
+
+    def _epoch_save_due(self) -> bool:
+        every = self.config.ckpt.save_every_epochs
+        return bool(every) and (self.epoch + 1) % every == 0
+
+    # ================================================================== epoch end
+
+    def _end_epoch(self, seconds: float, samples: int) -> None:
+        """Reduce, evaluate, decide, log and save. Collective."""
+        cfg = self.config
+        loss_sum, count = dist.all_reduce_sum([float(self._loss_sum), float(self._loss_count)])
+        metrics = {"epoch": float(self.epoch + 1), "step": float(self.global_step),
+                   "train_loss": loss_sum / count if count else math.nan}
+        last = self.epoch + 1 >= cfg.train.max_epochs
+        if self.task.val_dataset is not None and (  # type: ignore[union-attr]
+                last or (self.epoch + 1) % cfg.train.eval_every_epochs == 0):
+            metrics.update(self.evaluate())
+        metrics["lr"] = current_lr(self.optimizer)
+        metrics["samples_per_s"] = samples / seconds if seconds > 0 else 0.0
+        stop = self._decide(metrics)
+        self._log_epoch(metrics)
+        self.history.append(metrics)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, metrics)
+        self.epoch += 1
+        self.samples_done = 0
+        self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
+        self._check_agreement(self.agreement.exchange([self.checkpointer.poll()]))
+        if stop:
+            self.stop_reason, self.stop_message = "early_stop", self.early_stopping.reason or ""
+            log.info("%s", self.stop_message)
+        elif self.epoch >= cfg.train.max_epochs:
+            self.stop_reason = "max_epochs"
+            self.stop_message = f"reached --max-epochs {cfg.train.max_epochs}"
+        elif cfg.ckpt.save_every_epochs and self.epoch % cfg.ckpt.save_every_epochs == 0:
+            self._save(metric=metrics.get(cfg.early_stop.monitor))
+
+    def evaluate(self) -> dict[str, float]:
+        """Exact validation over the whole set: (sum, count) reduced across ranks. Collective.
+
+        Each rank evaluates a disjoint, unpadded shard, so the result equals a single process
+        evaluating the whole set, whatever the set's size.
+        """
+        task = self.task
+        assert task is not None and task.val_dataset is not None
+        sampler = ResumableSampler(len(task.val_dataset), num_replicas=dist.world_size(),  # type: ignore[arg-type]
+                                   rank=dist.rank(), shuffle=False, pad=False)
+        names = list(task.metrics)
+        sums = torch.zeros(2 + len(names), dtype=torch.float64)
+        self.module.eval()
+        with torch.no_grad(), self._autocast():
+            for inputs, target in self._loader(task.val_dataset, sampler, "val"):
+                inputs, target = _to(inputs, self.device), _to(target, self.device)
+                output = self.module(inputs)
+                n = _batch_len(target)
+                sums[0] += float(task.loss_fn(output, target).double()) * n
+                sums[1] += n
+                for j, name in enumerate(names):
+                    sums[2 + j] += float(task.metrics[name](output, target).double().sum())
+        self.module.train()
+        totals = dist.all_reduce_sum(sums.tolist())
+        count = totals[1] or math.nan
+        out = {"val_loss": totals[0] / count}
+        out.update({f"val_{name}": totals[2 + j] / count for j, name in enumerate(names)})
+        return out
+
+    def _decide(self, metrics: dict[str, float]) -> bool:
+        """Step the plateau schedule and early stopping on the monitored value; rank 0 decides
+        and broadcasts its state, so every rank stops after the same epoch. Collective."""
+        value = metrics.get(self.config.early_stop.monitor)
+        if value is None:
+            return False
+        self.last_metric = value
+        if isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.step(value)
+        es = self.early_stopping
+        stop = False
+        if dist.rank() == 0:
+            stop = es.update(value, epoch=self.epoch)
+        state = dist.broadcast_object((stop, es.state_dict(), es.improved))
+        stop, es_state, improved = state
+        es.load_state_dict(es_state)
+        if improved and es.restore_best_weights:
+            self.best_state = {k: v.detach().to("cpu", copy=True)
+                               for k, v in self.module.state_dict().items()}
+        return bool(stop and self.config.early_stop.early_stop)
+
+    def _log_epoch(self, metrics: dict[str, float]) -> None:
+        parts = [f"epoch {self.epoch + 1}/{self.config.train.max_epochs}"]
+        for key, value in metrics.items():
+            if key in ("epoch", "step", "samples_per_s", "lr"):
+                continue
+            parts.append(f"{key} {value:.4f}")
+        parts.append(f"lr {metrics['lr']:.3g}")
+        parts.append(f"{metrics['samples_per_s']:.0f} samples/s")
+        if self.config.early_stop.early_stop and self.early_stopping.best_epoch is not None:
+            parts.append(f"best {self.early_stopping.best:.4f} @ epoch "
+                         f"{self.early_stopping.best_epoch + 1}")  # ES counts epochs from 0
+        log.info(" | ".join(parts))
+
+    # ================================================================== saving & finishing
+
+    def _save(self, metric: float | None = None, *, final: bool = False) -> None:
+        """Checkpoint the full state at this optimizer-step boundary. Collective."""
+        shared, per_rank = self._snapshot()
+        cfg = self.config
+        meta = {"epoch": self.epoch, "global_step": self.global_step,
+                "world_size": dist.world_size(), "final": final,
+                "config_fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
+                "metric": None if metric is None else {
+                    "name": cfg.early_stop.monitor, "value": metric, "mode": cfg.early_stop.mode},
+                "torch": torch.__version__}
+        self.checkpointer.save(self.global_step, shared, per_rank, meta, blocking=final,
+                               replace=final)
+
+    def _finish(self) -> FitResult:
+        """Restore the best weights if asked, write the final checkpoint and the COMPLETE marker.
+        Collective."""
+        es = self.early_stopping
+        note = ""
+        if es.restore_best_weights and self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
+            note = f"; weights restored from the best epoch {es.best_epoch + 1} " \
+                   f"({es.monitor} {es.best:.4f})"  # type: ignore[operator]
+        # A checkpoint of this very step already exists after a step save on the last step, or
+        # when this run resumed from its own final checkpoint; it is rewritten only if the
+        # weights changed (restore-best), since deleting it opens a window without it.
+        exists = self.global_step in (self.checkpointer.last_saved_step, self.resumed_step)
+        if not exists or note:
+            self._save(metric=self.last_metric, final=True)
+        self.agreement.drain()
+        if dist.any_rank(self.checkpointer.wait()):
+            raise CheckpointError("the final checkpoint could not be written")
+        if dist.rank() == 0:
+            self.checkpointer.store.mark_complete({
+                "step": self.global_step, "epoch": self.epoch, "reason": self.stop_reason})
+        dist.barrier()
+        log.info("training finished after %d epochs, %d steps: %s%s", self.epoch,
+                 self.global_step, self.stop_message, note)
+        result = FitResult(self.stop_reason or "max_epochs", self.epoch, self.global_step,
+                           self.history, self.stop_message + note, es.best_epoch,
+                           None if es.best_epoch is None else es.best, self.module)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, result)
+        return result
