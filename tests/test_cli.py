@@ -1,0 +1,95 @@
+"""The command line: every kind of bad input is one line on stderr and exit code 2, before any
+process group exists and before anything is written."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as tdist
+
+from distrib.train import main
+
+from .conftest import REPO, base_env, free_port, run_cli
+
+BAD_INPUTS = [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--lrr", "0.1"], "did you mean --lr?"),
+    (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    (["--max-epochs", "2.5"], "argument --max-epochs: expected an integer"),
+    (["--lr", "-0.1"], "--lr: must be > 0"),
+    (["--batch-size", "0"], "--batch-size: must be > 0"),
+    (["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion'"),
+    (["--scheduler", "exp"], "argument --scheduler: invalid choice: 'exp'"),
+    (["--precision", "16"], "argument --precision: invalid choice"),
+    (["--task", "no.such.module:build"], "--task: cannot import module 'no.such.module'"),
+    (["--task", "distrib.tasks.classifier:nope"], "has no function 'nope'"),
+    (["--task", "distrib.tasks.classifier"], "--task: must be MODULE:FUNCTION"),
+    (["--checkpoint-dir", "bogus://x/y"], "--checkpoint-dir: unsupported URL scheme 'bogus'"),
+    (["--loss", "mse"], "--loss: the classifier task supports auto or cross-entropy"),
+    (["--monitor", "val_f1"], "--monitor: 'val_f1' is not reported by this task"),
+    (["--task-arg", "hiden=3"], "--task-arg: unknown key 'hiden'"),
+    (["--task-arg", "hidden=big"], "--task-arg: hidden='big' is not a valid int"),
+    (["--config", "missing.toml"], "--config: file not found"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A two-rank environment whose peer never comes: creating the process group would block,
+    # so returning at once proves the check happens before it.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.chdir(tmp_path)
+    code = main(argv + ["--checkpoint-dir", str(tmp_path / "ck")] if "--checkpoint-dir" not in argv
+                else argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert not tdist.is_initialized()
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the checkpoint dir
+
+
+def test_bad_config_file_via_real_process(tmp_path: Path) -> None:
+    bad = tmp_path / "run.toml"
+    bad.write_text("lr = [")
+    proc = run_cli([sys.executable, "-m", "distrib.train", "--config", str(bad)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "is not valid TOML" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_help_lists_every_option(tmp_path: Path) -> None:
+    proc = run_cli([sys.executable, "-m", "distrib.train", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0
+    for flag in ("--task", "--checkpoint-dir", "--max-epochs", "--max-steps", "--batch-size",
+                 "--lr", "--optimizer", "--weight-decay", "--momentum", "--scheduler",
+                 "--grad-accum-steps", "--clip-grad-norm", "--clip-grad-value", "--precision",
+                 "--seed", "--num-workers", "--save-every-steps", "--save-every-epochs",
+                 "--eval-every-epochs", "--no-progress", "--config", "--monitor", "--patience",
+                 "--no-check-finite", "--restore-best", "--resume", "--force-restart"):
+        assert flag in proc.stdout, flag
+    assert str(REPO) not in proc.stdout
+
+
+def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    common = [sys.executable, "-m", "distrib.train", "--task", "tests.tasks:tiny",
+              "--max-epochs", "1", "--checkpoint-dir", str(ck), "--no-progress"]
+    first = run_cli(common, cwd=REPO)
+    assert first.returncode == 0, first.stderr
+    again = run_cli(common + ["--resume", "never"], cwd=REPO)
+    assert again.returncode == 2
+    assert "--resume never" in again.stderr and "--force-restart" in again.stderr
+    forced = run_cli(common + ["--resume", "never", "--force-restart"], cwd=REPO)
+    assert forced.returncode == 0, forced.stderr
+    assert "deleted" in forced.stderr

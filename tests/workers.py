@@ -1,0 +1,130 @@
+"""Per-rank programs for the multi-process tests: ``python tests/workers.py SCENARIO OUT_DIR ARGS``.
+
+Each process is one rank of a real gloo job (RANK, WORLD_SIZE, MASTER_* set by the test). A
+scenario writes what it observed to ``OUT_DIR/rank<R>.json`` (and tensors to ``.pt`` files).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
+
+from distrib import Callback, Config, Trainer, dist  # noqa: E402
+from distrib.sampler import ResumableSampler  # noqa: E402
+from distrib.tasks import build_task  # noqa: E402
+
+
+class CommHookCounter(Callback):
+    """Counts DDP gradient all-reduces (bucket hooks) and records the count at each step end."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.at_step: list[int] = []
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP rejects non-GradBucket hints
+            self.calls += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.model.register_comm_hook(None, hook)  # type: ignore[operator]
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.at_step.append(self.calls)
+
+
+class Trace(Callback):
+    """Records per-epoch metrics, learning rate and early-stopping state on every rank."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, Any]] = []
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        es = trainer.early_stopping
+        self.epochs.append({"metrics": metrics, "lr": trainer.optimizer.param_groups[0]["lr"],
+                            "wait": es.wait_count, "best": es.best, "stopped": es.stopped})
+
+
+class RaiseAtStep(Callback):
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if dist.rank() == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
+
+
+def save_output(out_dir: Path, data: dict[str, Any]) -> None:
+    (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(data, default=float))
+
+
+def scenario_fit(out_dir: Path, args: dict[str, Any]) -> None:
+    """Run one or more trainings in one process group; record results and final weights."""
+    info, _ = dist.setup(float(args.get("timeout", 60)))
+    report: dict[str, Any] = {"runs": []}
+    for i, argv in enumerate(args["runs"]):
+        config = Config.from_args(argv)
+        counter, trace = CommHookCounter(), Trace()
+        callbacks: list[Callback] = [trace]
+        if args.get("comm_hook"):
+            callbacks.append(counter)
+        if "raise_at" in args:
+            callbacks.append(RaiseAtStep(*args["raise_at"]))
+        result = Trainer(config, callbacks=callbacks).fit()
+        assert result.model is not None
+        torch.save(result.model.state_dict(), out_dir / f"run{i}-rank{info.rank}.pt")
+        report["runs"].append({"stop_reason": result.stop_reason, "epochs": result.epochs,
+                               "global_step": result.global_step, "history": result.history,
+                               "hook_at_step": counter.at_step, "trace": trace.epochs,
+                               "best_epoch": result.best_epoch, "message": result.message})
+    report["group_alive_after_fit"] = tdist.is_initialized()
+    save_output(out_dir, report)
+    dist.teardown()
+
+
+def scenario_exact_eval(out_dir: Path, args: dict[str, Any]) -> None:
+    """Compare Trainer.evaluate() on 2 ranks with one process evaluating the whole set."""
+    info, _ = dist.setup(60.0)
+    config = Config.from_args(args["argv"])
+    trainer = Trainer(config)
+    trainer.info = info
+    trainer.task = build_task(config)
+    trainer._build_model(trainer.task)
+    got = trainer.evaluate()
+    task = trainer.task
+    model = trainer.module.eval()
+    x = torch.stack([task.val_dataset[i][0] for i in range(len(task.val_dataset))])
+    y = torch.stack([task.val_dataset[i][1] for i in range(len(task.val_dataset))])
+    with torch.no_grad():
+        out = model(x)
+        expected = {"val_loss": float(task.loss_fn(out, y)),
+                    "val_accuracy": float(task.metrics["accuracy"](out, y).double().mean())}
+        # What a DistributedSampler-padded evaluation would report on this rank's padded shard
+        padded = ResumableSampler(len(y), num_replicas=dist.world_size(), rank=dist.rank(),
+                                  shuffle=False, pad=True)
+        idx = torch.tensor(list(padded))
+        local = float(task.loss_fn(out[idx], y[idx])) * len(idx)
+        naive = dist.all_reduce_sum([local, float(len(idx))])
+    save_output(out_dir, {"got": got, "expected": expected, "naive_val_loss": naive[0] / naive[1],
+                          "local_count": len(list(ResumableSampler(
+                              len(y), num_replicas=dist.world_size(), rank=dist.rank(),
+                              shuffle=False, pad=False)))})
+    dist.teardown()
+
+
+SCENARIOS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
+    "fit": scenario_fit,
+    "exact_eval": scenario_exact_eval,
+}
+
+if __name__ == "__main__":
+    name, out, raw = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    SCENARIOS[name](out, json.loads(raw))
