@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 import torch
 import xxhash
 
-from distrib.serialization import FlatBuffer, Layout, TensorEntry, tensors_from_buffer
+from distrib.serialization import FlatBuffer, Layout, TensorEntry, TensorSink
 from distrib.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -228,35 +228,39 @@ class CheckpointStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpoint(f"{info.name}: state file unreadable: {exc}") from None
         shards = sorted(n for n in files if n.startswith("shard-"))
-        buffer = torch.empty(layout.total, dtype=torch.uint8)
-        view = memoryview(buffer.numpy()).cast("B")
+        sink = TensorSink(layout)
+        shard_bytes = int(info.manifest["shard_bytes"])
 
         def fetch(i_name: tuple[int, str]) -> None:
             i, name = i_name
-            start = i * int(info.manifest["shard_bytes"])
-            part = view[start:start + int(files[name]["size"])]
-            self._read_verified(info, files[name], into=part)
+            start = i * shard_bytes
+            size = int(files[name]["size"])
+            self._read_verified(info, files[name], sink.segments(start, start + size))
 
         with ThreadPoolExecutor(max_workers=max(1, self.io_threads)) as pool:
             list(pool.map(fetch, enumerate(shards)))
-        return LoadedCheckpoint(info, state["skeleton"], tensors_from_buffer(buffer, layout))
+        return LoadedCheckpoint(info, state["skeleton"], sink.tensors)
 
     def _read_verified(self, info: CheckpointInfo, entry: dict[str, Any],
-                       into: memoryview | None = None) -> bytes | memoryview:
+                       into: list[memoryview] | None = None) -> bytes:
+        """Read one listed file, check its size and checksum. With ``into`` the bytes land in
+        those buffers (filled in order) and b"" is returned; otherwise they are returned."""
         path = f"{info.name}/{entry['name']}"
         try:
             if into is None:
-                data: bytes | memoryview = self.storage.read(path)
+                data = self.storage.read(path)
+                chunks: list[memoryview | bytes] = [data]
             else:
-                self.storage.read_into(path, into)
-                data = into
+                self.storage.read_segments(path, into)
+                data, chunks = b"", list(into)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{path}: missing") from None
         except Exception as exc:
             raise CorruptCheckpoint(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-        if len(data) != int(entry["size"]):
-            raise CorruptCheckpoint(f"{path}: {len(data)} bytes, expected {entry['size']}")
-        if _checksum([data]) != entry["checksum"]:
+        size = sum(len(c) for c in chunks)
+        if size != int(entry["size"]):
+            raise CorruptCheckpoint(f"{path}: {size} bytes, expected {entry['size']}")
+        if _checksum(chunks) != entry["checksum"]:
             raise CorruptCheckpoint(f"{path}: checksum mismatch (file damaged)")
         return data
 

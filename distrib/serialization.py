@@ -14,6 +14,7 @@ No pickle is involved in either direction, so loading a checkpoint can never exe
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +175,39 @@ class FlatBuffer:
         return memoryview(self.data.numpy()).cast("B")[start:stop]
 
 
-def tensors_from_buffer(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    """The tensors of ``layout`` as views into ``buffer`` (which they keep alive)."""
-    return [_place(buffer, entry) for entry in layout.entries]
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class TensorSink:
+    """Freshly allocated tensors for ``layout``, each with its own storage, and the byte
+    segments that a range of the stream must be read into (see :meth:`segments`)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.tensors = [torch.empty(e.shape, dtype=_dtype(e.dtype)) for e in layout.entries]
+        self._spans = sorted((e.offset, _bytes_of(t)) for e, t in zip(layout.entries, self.tensors)
+                             if e.nbytes)
+        self._starts = [offset for offset, _ in self._spans]
+
+    def segments(self, start: int, stop: int) -> list[memoryview]:
+        """Buffers that, filled in order, receive stream bytes ``[start, stop)``: slices of the
+        tensors, and scratch buffers for the alignment padding between them."""
+        out: list[memoryview] = []
+        pos = start
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while pos < stop:
+            if i < len(self._spans) and self._spans[i][0] + len(self._spans[i][1]) <= pos:
+                i += 1
+                continue
+            if i >= len(self._spans) or self._spans[i][0] > pos:
+                gap_end = stop if i >= len(self._spans) else min(self._spans[i][0], stop)
+                out.append(memoryview(bytearray(gap_end - pos)))
+                pos = gap_end
+                continue
+            offset, view = self._spans[i]
+            hi = min(offset + len(view), stop)
+            out.append(view[pos - offset:hi - offset])
+            pos = hi
+        return out

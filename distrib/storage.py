@@ -69,6 +69,16 @@ def retry(op: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
     raise AssertionError("unreachable")
 
 
+def _scatter(rel: str, data: memoryview, outs: Sequence[memoryview]) -> None:
+    total = sum(len(o) for o in outs)
+    if len(data) != total:
+        raise StorageError(f"{rel}: {len(data)} bytes, expected {total}")
+    pos = 0
+    for out in outs:
+        out[:] = data[pos:pos + len(out)]
+        pos += len(out)
+
+
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."
@@ -98,9 +108,11 @@ class Storage:
     def read(self, rel: str) -> bytes:
         raise NotImplementedError
 
-    def read_into(self, rel: str, out: memoryview) -> None:
-        """Read file ``rel`` into ``out``, which must be exactly the file's size."""
-        out[:] = self.read(rel)
+    def read_segments(self, rel: str, outs: Sequence[memoryview]) -> None:
+        """Fill ``outs`` in order with the bytes of file ``rel``; StorageError if the file's
+        size is not their total size."""
+        data = self.read(rel)
+        _scatter(rel, memoryview(data), outs)
 
     def write(self, rel: str, chunks: Sequence[Buffer]) -> None:
         """Write (replace) file ``rel`` from ``chunks`` durably: it is on stable storage on return."""
@@ -166,14 +178,19 @@ class LocalStorage(Storage):
         with open(self._path(rel), "rb") as fh:
             return fh.read()
 
-    def read_into(self, rel: str, out: memoryview) -> None:
+    def read_segments(self, rel: str, outs: Sequence[memoryview]) -> None:
+        total = sum(len(o) for o in outs)
         with open(self._path(rel), "rb", buffering=0) as fh:
-            done = 0
-            while done < len(out):
-                n = fh.readinto(out[done:])
-                if not n:
-                    raise StorageError(f"{rel}: file ended after {done} of {len(out)} bytes")
-                done += n
+            size = os.fstat(fh.fileno()).st_size
+            if size != total:
+                raise StorageError(f"{rel}: {size} bytes, expected {total}")
+            for out in outs:
+                done = 0
+                while done < len(out):
+                    n = fh.readinto(out[done:])
+                    if not n:
+                        raise StorageError(f"{rel}: file ended early")
+                    done += n
 
     def write(self, rel: str, chunks: Sequence[Buffer]) -> None:
         self._write(rel, chunks, "wb")

@@ -42,15 +42,27 @@ class CommHookCounter(Callback):
 
 
 class Trace(Callback):
-    """Records per-epoch metrics, learning rate and early-stopping state on every rank."""
+    """Records per-epoch metrics, learning rate and early-stopping state on every rank, and
+    optionally the weights at the end of every epoch (``snapshot_prefix``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, snapshot_prefix: Path | None = None) -> None:
         self.epochs: list[dict[str, Any]] = []
+        self.snapshot_prefix = snapshot_prefix
+        self.resumed_at: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        es = trainer.early_stopping
+        self.resumed_at = {"epoch": trainer.epoch, "step": trainer.global_step,
+                           "wait": es.wait_count}
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         es = trainer.early_stopping
         self.epochs.append({"metrics": metrics, "lr": trainer.optimizer.param_groups[0]["lr"],
-                            "wait": es.wait_count, "best": es.best, "stopped": es.stopped})
+                            "wait": es.wait_count, "best": es.best, "stopped": es.stopped,
+                            "step": trainer.global_step})
+        if self.snapshot_prefix is not None:
+            torch.save(trainer.module.state_dict(),
+                       f"{self.snapshot_prefix}-epoch{trainer.epoch + 1}-rank{dist.rank()}.pt")
 
 
 class RaiseAtStep(Callback):
@@ -72,7 +84,8 @@ def scenario_fit(out_dir: Path, args: dict[str, Any]) -> None:
     report: dict[str, Any] = {"runs": []}
     for i, argv in enumerate(args["runs"]):
         config = Config.from_args(argv)
-        counter, trace = CommHookCounter(), Trace()
+        counter = CommHookCounter()
+        trace = Trace(out_dir / f"run{i}" if args.get("snapshots") else None)
         callbacks: list[Callback] = [trace]
         if args.get("comm_hook"):
             callbacks.append(counter)
@@ -84,7 +97,8 @@ def scenario_fit(out_dir: Path, args: dict[str, Any]) -> None:
         report["runs"].append({"stop_reason": result.stop_reason, "epochs": result.epochs,
                                "global_step": result.global_step, "history": result.history,
                                "hook_at_step": counter.at_step, "trace": trace.epochs,
-                               "best_epoch": result.best_epoch, "message": result.message})
+                               "best_epoch": result.best_epoch, "message": result.message,
+                               "resumed_at": trace.resumed_at})
     report["group_alive_after_fit"] = tdist.is_initialized()
     save_output(out_dir, report)
     dist.teardown()
