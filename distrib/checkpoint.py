@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterable
 import torch
 import xxhash
 
-from distrib.serialization import FlatBuffer, Layout, TensorEntry, TensorSink
+from distrib.serialization import (FlatBuffer, Layout, TensorEntry, TensorSink, flatten_state,
+                                   plan_layout, tensor_indices, unflatten_state)
 from distrib.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,12 @@ _STAGE_RE = re.compile(r"^\.step-(\d{9,})\.tmp-[0-9a-f]+$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read."""
+    """Checkpoints exist but cannot be used (none valid, unreadable on some rank, a bad
+    ``--resume`` URL): a permanent error, retrying will not help."""
+
+
+class SaveFailedError(RuntimeError):
+    """Saving kept failing (storage trouble that may pass): retryable, unlike CheckpointError."""
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -77,6 +83,11 @@ class CheckpointInfo:
     status: str  # "valid" | "incomplete" | "corrupt"
     problem: str | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def committed(self) -> bool:
+        """Whether a manifest exists (valid or not): the writer got as far as committing."""
+        return self.status != "incomplete" or bool(self.manifest)
 
     @property
     def metric(self) -> float | None:
@@ -115,6 +126,26 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ writing
 
+    def save_state(self, step: int, state: Any, meta: dict[str, Any] | None = None,
+                   buffer: FlatBuffer | None = None) -> CheckpointInfo:
+        """Snapshot ``state`` (nested dicts/lists of tensors and plain values) and commit it as
+        checkpoint ``step``, synchronously. See :meth:`write` for the errors."""
+        skeleton, tensors = flatten_state(state)
+        layout = plan_layout(tensors)
+        buffer = buffer or FlatBuffer()
+        buffer.fill(tensors, layout)
+        return self.write(step, buffer, layout, skeleton, meta or {})
+
+    def load_state(self, info: CheckpointInfo, subtree: str | None = None) -> Any:
+        """Read, verify and rebuild the state saved in ``info`` (or one top-level subtree)."""
+        loaded = self.read(info, subtree)
+        return unflatten_state(loaded.skeleton, loaded.tensors)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest checkpoint whose manifest parses and whose files have the listed sizes."""
+        valid = [i for i in self.scan() if i.status == "valid"]
+        return valid[-1] if valid else None
+
     def write(self, step: int, buffer: FlatBuffer, layout: Layout, skeleton: Any,
               meta: dict[str, Any]) -> CheckpointInfo:
         """Write and commit checkpoint ``step``. FileExistsError if the step is already committed.
@@ -146,6 +177,7 @@ class CheckpointStore:
 
     def _write_files(self, where: str, token: str, buffer: FlatBuffer, layout: Layout,
                      skeleton: Any) -> list[dict[str, Any]]:
+        buffer.copy_deferred()
         buffer.ready()
         self.storage.mkdir(where)
         state = json.dumps({"skeleton": skeleton, "total": layout.total,
@@ -216,51 +248,61 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ reading
 
-    def read(self, info: CheckpointInfo) -> LoadedCheckpoint:
-        """Read and verify every file of ``info``; CorruptCheckpoint on any mismatch."""
+    def read(self, info: CheckpointInfo, subtree: str | None = None) -> LoadedCheckpoint:
+        """Read and verify ``info``; CorruptCheckpoint on any mismatch.
+
+        With ``subtree`` (a top-level key of the state, e.g. ``"model"``), only the shards that
+        hold its tensors are read (and verified), and only its tensors are materialised.
+        """
         files = {f["name"]: f for f in info.manifest["files"]}
-        state_name = info.manifest["state_file"]
-        state_raw = self._read_verified(info, files[state_name])
+        state_raw = self._read_verified(info, files[info.manifest["state_file"]])
         try:
             state = json.loads(state_raw)
             layout = Layout(tuple(TensorEntry.from_json(e) for e in state["tensors"]),
                             int(state["total"]))
+            skeleton = state["skeleton"] if subtree is None else state["skeleton"][subtree]
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpoint(f"{info.name}: state file unreadable: {exc}") from None
-        shards = sorted(n for n in files if n.startswith("shard-"))
-        sink = TensorSink(layout)
+        sink = TensorSink(layout, None if subtree is None else tensor_indices(skeleton))
         shard_bytes = int(info.manifest["shard_bytes"])
-
-        def fetch(i_name: tuple[int, str]) -> None:
-            i, name = i_name
+        jobs = []
+        for i, name in enumerate(sorted(n for n in files if n.startswith("shard-"))):
             start = i * shard_bytes
-            size = int(files[name]["size"])
-            self._read_verified(info, files[name], sink.segments(start, start + size))
+            stop = start + int(files[name]["size"])
+            if subtree is None or sink.needs(start, stop):
+                jobs.append((files[name], start, stop))
+
+        def fetch(job: tuple[dict[str, Any], int, int]) -> None:
+            entry, start, stop = job
+            self._read_verified(info, entry, sink.segments(start, stop))
 
         with ThreadPoolExecutor(max_workers=max(1, self.io_threads)) as pool:
-            list(pool.map(fetch, enumerate(shards)))
-        return LoadedCheckpoint(info, state["skeleton"], sink.tensors)
+            list(pool.map(fetch, jobs))
+        return LoadedCheckpoint(info, skeleton, sink.tensors)  # type: ignore[arg-type]
 
     def _read_verified(self, info: CheckpointInfo, entry: dict[str, Any],
                        into: list[memoryview] | None = None) -> bytes:
         """Read one listed file, check its size and checksum. With ``into`` the bytes land in
-        those buffers (filled in order) and b"" is returned; otherwise they are returned."""
+        those buffers (filled in order, each checksummed as it lands) and b"" is returned;
+        otherwise the bytes are returned."""
         path = f"{info.name}/{entry['name']}"
+        digest = xxhash.xxh3_128()
+        data = b""
         try:
             if into is None:
                 data = self.storage.read(path)
-                chunks: list[memoryview | bytes] = [data]
+                digest.update(data)
+                size = len(data)
             else:
-                self.storage.read_segments(path, into)
-                data, chunks = b"", list(into)
+                self.storage.read_segments(path, into, digest.update)
+                size = sum(len(b) for b in into)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{path}: missing") from None
         except Exception as exc:
             raise CorruptCheckpoint(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-        size = sum(len(c) for c in chunks)
         if size != int(entry["size"]):
             raise CorruptCheckpoint(f"{path}: {size} bytes, expected {entry['size']}")
-        if _checksum(chunks) != entry["checksum"]:
+        if digest.hexdigest() != entry["checksum"]:
             raise CorruptCheckpoint(f"{path}: checksum mismatch (file damaged)")
         return data
 

@@ -18,7 +18,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
+
+import torch
 
 from distrib import dist
 from distrib.checkpoint import (CheckpointError, CheckpointInfo, CheckpointStore,
@@ -38,6 +40,7 @@ class StartPlan:
     name: str = ""  # its step directory
     message: str = ""
     skipped: list[str] = field(default_factory=list)
+    permanent: bool = True  # for errors: retrying the job will not help
 
 
 def retention(infos: list[CheckpointInfo], keep_last: int, keep_best: int,
@@ -75,16 +78,22 @@ class Checkpointer:
         self.stall_seconds = 0.0
         self._buffer = FlatBuffer()
         self._thread: threading.Thread | None = None
+        self._copied: threading.Event | None = None
+        self.fence_seconds = 0.0
         self._result: tuple[int, float, int, BaseException | None] | None = None
 
     # ------------------------------------------------------------------ saving
 
     def save(self, step: int, state: dict[str, Any], per_rank: Any, meta: dict[str, Any],
-             *, blocking: bool = False, replace: bool = False) -> None:
+             *, blocking: bool = False, replace: bool = False,
+             deferrable: Iterable[torch.Tensor] = ()) -> None:
         """Checkpoint ``state`` (identical on all ranks) plus every rank's ``per_rank`` at ``step``.
 
         Collective: every rank calls it. ``blocking`` waits for the write (end of training,
         preemption); ``replace`` first deletes an existing checkpoint of the same step.
+        ``deferrable`` names tensors that stay unchanged until the caller's next :meth:`fence`
+        (parameters and optimizer state do, until the next optimizer step): an asynchronous save
+        copies those in the background, overlapping the next forward and backward passes.
         """
         gathered = dist.gather_objects(per_rank)
         self.last_saved_step = step  # known on every rank: decisions built on it stay symmetric
@@ -94,14 +103,17 @@ class Checkpointer:
         self._join(waiting_for=step)
         skeleton, tensors = flatten_state({**state, "per_rank": gathered})
         layout = plan_layout(tensors)
-        self._buffer.fill(tensors, layout)
+        background = self.async_save and not blocking
+        ptrs = {t.data_ptr() for t in deferrable if t.numel()} if background else set()
+        self._buffer.fill(tensors, layout, (lambda t: t.data_ptr() in ptrs) if ptrs else None)
+        self._copied = threading.Event()
         self.stall_seconds = time.perf_counter() - started
         if replace:
             existing = self.store.inspect(step)
-            if existing.status != "incomplete" or existing.manifest:
+            if existing.committed:
                 self.store.delete(existing)
         args = (step, layout, skeleton, meta)
-        if self.async_save and not blocking:
+        if background:
             self._thread = threading.Thread(target=self._write, args=args,
                                             name=f"distrib-ckpt-{step}", daemon=True)
             self._thread.start()
@@ -113,6 +125,10 @@ class Checkpointer:
         started = time.perf_counter()
         error: BaseException | None = None
         try:
+            try:
+                self._buffer.copy_deferred()
+            finally:
+                self._copied.set()  # the training thread may update the weights again
             self.store.write(step, self._buffer, layout, skeleton, meta)
             self._prune(step)
         except BaseException as exc:  # reported on the training thread by _collect
@@ -156,6 +172,15 @@ class Checkpointer:
         if self.failures >= self.max_failed_saves:
             self.fatal = True
 
+    def fence(self) -> None:
+        """Wait until the tensors deferred by the last :meth:`save` are copied. Call before
+        changing them (before ``optimizer.step()``). Local, cheap when nothing is pending."""
+        copied = self._copied
+        if copied is not None and not copied.is_set():
+            t0 = time.perf_counter()
+            copied.wait()
+            self.fence_seconds += time.perf_counter() - t0
+
     def poll(self) -> bool:
         """Rank 0: account for a finished background write; return :attr:`fatal`. Never blocks."""
         if self._thread is not None and not self._thread.is_alive():
@@ -180,7 +205,9 @@ class Checkpointer:
             try:
                 plan, loaded = self._decide(resume, force_restart, storage_options)
             except Exception as exc:  # no collective here: the error travels in the plan
-                plan = StartPlan("error", message=f"{type(exc).__name__}: {exc}")
+                permanent = isinstance(exc, (PermissionError, ValueError, CheckpointError))
+                plan = StartPlan("error", message=f"{self.store.storage.url}: "
+                                 f"{type(exc).__name__}: {exc}", permanent=permanent)
         plan = dist.broadcast_object(plan)
         return plan, loaded
 
@@ -192,7 +219,7 @@ class Checkpointer:
         if resume not in ("auto", "never"):
             return self._decide_explicit(resume, options)
         infos = self.store.scan()
-        committed = [i for i in infos if i.manifest]
+        committed = [i for i in infos if i.committed]
         done = self.store.completion()
         if resume == "never":
             if committed or done is not None:
@@ -256,7 +283,8 @@ class Checkpointer:
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if dist.any_rank(bool(error)):
-            raise CheckpointError(f"not every rank could read {plan.root}/{plan.name}"
+            raise CheckpointError(f"not every rank could read {plan.root}/{plan.name} (is the "
+                                  "checkpoint directory on storage every node can reach?)"
                                   + (f": {error}" if error else ""))
         assert loaded is not None
         return unflatten_state(loaded.skeleton, loaded.tensors), loaded.info

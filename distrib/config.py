@@ -319,6 +319,13 @@ class Config:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    def to_public_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with storage-option values masked: safe to log and to save in a
+        checkpoint manifest (options may carry credentials)."""
+        out = self.to_dict()
+        out["storage_options"] = {key: "***" for key in out["storage_options"]}
+        return out
+
     def replace(self, **changes: Any) -> "Config":
         """A copy with some options changed, by flat option name (validated again)."""
         merged = self.to_dict()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -142,30 +142,46 @@ class FlatBuffer:
     The buffer is reallocated only when a layout needs more bytes than it holds, so periodic saves
     of the same state reuse one allocation. On CUDA machines it is pinned so device-to-host copies
     are asynchronous DMA transfers.
+
+    A snapshot may be split in two: :meth:`fill` copies at once every tensor that ``defer`` does
+    not claim, and :meth:`copy_deferred` (typically on a background thread) copies the rest. The
+    caller must keep the deferred tensors unchanged until :meth:`copy_deferred` returns.
     """
 
     def __init__(self) -> None:
         self.data = torch.empty(0, dtype=torch.uint8)
         self.pending: torch.cuda.Event | None = None
+        self._deferred: list[tuple[torch.Tensor, TensorEntry]] = []
 
-    def fill(self, tensors: list[torch.Tensor], layout: Layout) -> None:
-        """Copy ``tensors`` into the buffer. On CUDA the copies are enqueued, not awaited: call
-        :meth:`ready` (from any thread) before reading the bytes."""
+    def fill(self, tensors: list[torch.Tensor], layout: Layout,
+             defer: Callable[[torch.Tensor], bool] | None = None) -> None:
+        """Copy ``tensors`` into the buffer, except those ``defer`` claims (kept for
+        :meth:`copy_deferred`). CUDA copies are enqueued, not awaited: call :meth:`ready`
+        (from any thread) before reading the bytes."""
         if self.data.numel() < layout.total:
             pin = torch.cuda.is_available()
             self.data = torch.empty(layout.total, dtype=torch.uint8, pin_memory=pin)
+        now = [(t, e) for t, e in zip(tensors, layout.entries) if e.nbytes]
+        self._deferred = [(t, e) for t, e in now if defer is not None and defer(t)]
+        claimed = {id(t) for t, _ in self._deferred}
+        self._copy([(t, e) for t, e in now if id(t) not in claimed])
+
+    def copy_deferred(self) -> None:
+        """Copy the tensors :meth:`fill` deferred (call once, from any thread)."""
+        pairs, self._deferred = self._deferred, []
+        self._copy(pairs)
+
+    def _copy(self, pairs: list[tuple[torch.Tensor, TensorEntry]]) -> None:
         on_cuda = False
-        for t, entry in zip(tensors, layout.entries):
-            if entry.nbytes:
-                _place(self.data, entry).copy_(t, non_blocking=t.is_cuda)
-                on_cuda = on_cuda or t.is_cuda
-        self.pending = None
+        for t, entry in pairs:
+            _place(self.data, entry).copy_(t, non_blocking=t.is_cuda)
+            on_cuda = on_cuda or t.is_cuda
         if on_cuda:
             self.pending = torch.cuda.Event()
             self.pending.record()
 
     def ready(self) -> None:
-        """Block until every copy enqueued by :meth:`fill` has landed."""
+        """Block until every copy enqueued so far has landed."""
         if self.pending is not None:
             self.pending.synchronize()
             self.pending = None
@@ -181,20 +197,37 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 
 class TensorSink:
-    """Freshly allocated tensors for ``layout``, each with its own storage, and the byte
-    segments that a range of the stream must be read into (see :meth:`segments`)."""
+    """Freshly allocated tensors for ``layout`` (each with its own storage), and the byte
+    segments a range of the stream must be read into (see :meth:`segments`).
 
-    def __init__(self, layout: Layout) -> None:
+    With ``wanted``, only those tensor indices are allocated; the others are None and their bytes
+    go to scratch memory (they must still be read to verify a shard's checksum).
+    """
+
+    SCRATCH = 8 << 20
+
+    def __init__(self, layout: Layout, wanted: set[int] | None = None) -> None:
         self.layout = layout
-        self.tensors = [torch.empty(e.shape, dtype=_dtype(e.dtype)) for e in layout.entries]
+        self.tensors: list[torch.Tensor | None] = [
+            torch.empty(e.shape, dtype=_dtype(e.dtype)) if wanted is None or i in wanted else None
+            for i, e in enumerate(layout.entries)]
         self._spans = sorted((e.offset, _bytes_of(t)) for e, t in zip(layout.entries, self.tensors)
-                             if e.nbytes)
+                             if t is not None and e.nbytes)
         self._starts = [offset for offset, _ in self._spans]
+
+    def needs(self, start: int, stop: int) -> bool:
+        """Whether any wanted tensor has bytes in ``[start, stop)``."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i >= 0 and self._starts[i] + len(self._spans[i][1]) > start:
+            return True
+        return i + 1 < len(self._starts) and self._starts[i + 1] < stop
 
     def segments(self, start: int, stop: int) -> list[memoryview]:
         """Buffers that, filled in order, receive stream bytes ``[start, stop)``: slices of the
-        tensors, and scratch buffers for the alignment padding between them."""
+        wanted tensors, and scratch memory for everything else. Scratch buffers are reused, so
+        consume (checksum) each segment as soon as it is filled."""
         out: list[memoryview] = []
+        scratch = memoryview(bytearray(min(self.SCRATCH, max(stop - start, 0))))
         pos = start
         i = max(0, bisect.bisect_right(self._starts, start) - 1)
         while pos < stop:
@@ -203,11 +236,31 @@ class TensorSink:
                 continue
             if i >= len(self._spans) or self._spans[i][0] > pos:
                 gap_end = stop if i >= len(self._spans) else min(self._spans[i][0], stop)
-                out.append(memoryview(bytearray(gap_end - pos)))
-                pos = gap_end
+                while pos < gap_end:
+                    n = min(len(scratch), gap_end - pos)
+                    out.append(scratch[:n])
+                    pos += n
                 continue
             offset, view = self._spans[i]
             hi = min(offset + len(view), stop)
             out.append(view[pos - offset:hi - offset])
             pos = hi
         return out
+
+
+def tensor_indices(skeleton: Any) -> set[int]:
+    """The tensor indices referenced anywhere inside a skeleton (sub)tree."""
+    found: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, dict):
+            if len(node) == 1 and next(iter(node)) in ("__tensor__", "__ndarray__"):
+                found.add(int(next(iter(node.values()))))
+                return
+            for v in node.values():
+                walk(v)
+    walk(skeleton)
+    return found

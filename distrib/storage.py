@@ -31,9 +31,10 @@ Buffer = bytes | bytearray | memoryview
 
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
               NotADirectoryError, ValueError, TypeError)
-_TRANSIENT_WORDS = ("timeout", "timed out", "connection", "reset", "throttl", "slowdown",
+_TRANSIENT_WORDS = ("timeout", "timed out", "connect", "reset", "throttl", "slowdown",
                     "slow down", "503", "500", "502", "504", "internalerror",
-                    "serviceunavailable", "requesttimeout", "temporarily", "broken pipe")
+                    "serviceunavailable", "requesttimeout", "temporarily", "broken pipe",
+                    "unavailable", "server disconnected", "remotedisconnected")
 
 
 class StorageError(OSError):
@@ -69,16 +70,6 @@ def retry(op: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
     raise AssertionError("unreachable")
 
 
-def _scatter(rel: str, data: memoryview, outs: Sequence[memoryview]) -> None:
-    total = sum(len(o) for o in outs)
-    if len(data) != total:
-        raise StorageError(f"{rel}: {len(data)} bytes, expected {total}")
-    pos = 0
-    for out in outs:
-        out[:] = data[pos:pos + len(out)]
-        pos += len(out)
-
-
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."
@@ -108,11 +99,19 @@ class Storage:
     def read(self, rel: str) -> bytes:
         raise NotImplementedError
 
-    def read_segments(self, rel: str, outs: Sequence[memoryview]) -> None:
-        """Fill ``outs`` in order with the bytes of file ``rel``; StorageError if the file's
-        size is not their total size."""
-        data = self.read(rel)
-        _scatter(rel, memoryview(data), outs)
+    def read_segments(self, rel: str, outs: Sequence[memoryview],
+                      consume: Callable[[memoryview], None] = lambda mv: None) -> None:
+        """Fill ``outs`` in order with the bytes of file ``rel``, calling ``consume`` on each one
+        as soon as it is filled; StorageError if the file is not exactly their total size."""
+        data = memoryview(self.read(rel))
+        total = sum(len(o) for o in outs)
+        if len(data) != total:
+            raise StorageError(f"{rel}: {len(data)} bytes, expected {total}")
+        pos = 0
+        for out in outs:
+            out[:] = data[pos:pos + len(out)]
+            consume(out)
+            pos += len(out)
 
     def write(self, rel: str, chunks: Sequence[Buffer]) -> None:
         """Write (replace) file ``rel`` from ``chunks`` durably: it is on stable storage on return."""
@@ -178,7 +177,8 @@ class LocalStorage(Storage):
         with open(self._path(rel), "rb") as fh:
             return fh.read()
 
-    def read_segments(self, rel: str, outs: Sequence[memoryview]) -> None:
+    def read_segments(self, rel: str, outs: Sequence[memoryview],
+                      consume: Callable[[memoryview], None] = lambda mv: None) -> None:
         total = sum(len(o) for o in outs)
         with open(self._path(rel), "rb", buffering=0) as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -191,6 +191,7 @@ class LocalStorage(Storage):
                     if not n:
                         raise StorageError(f"{rel}: file ended early")
                     done += n
+                consume(out)
 
     def write(self, rel: str, chunks: Sequence[Buffer]) -> None:
         self._write(rel, chunks, "wb")
@@ -255,13 +256,18 @@ class FsspecStorage(Storage):
         self.fs, self.root = fsspec.core.url_to_fs(url, **dict(options))
         self.root = self.root.rstrip("/")
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.url = f"{protocol}://{self.root}"
+        self.url = f"{protocol}://{self.root.lstrip('/')}"
 
     def _path(self, rel: str) -> str:
         return _join(self.root, rel) if rel else self.root
 
     def _call(self, what: str, op: Callable[[], T]) -> T:
         return retry(op, f"{what} {self.url}")
+
+    def _fresh(self, path: str) -> str:
+        """Drop fsspec's listing cache for ``path``: other processes change the store too."""
+        self.fs.invalidate_cache(path)
+        return path
 
     def list(self, rel: str = "") -> list[str]:
         path = self._path(rel)
@@ -276,15 +282,15 @@ class FsspecStorage(Storage):
         return self._call("list", op)
 
     def is_dir(self, rel: str) -> bool:
-        return bool(self._call("stat", lambda: self.fs.isdir(self._path(rel))))
+        return bool(self._call("stat", lambda: self.fs.isdir(self._fresh(self._path(rel)))))
 
     def exists(self, rel: str) -> bool:
-        return bool(self._call("stat", lambda: self.fs.exists(self._path(rel))))
+        return bool(self._call("stat", lambda: self.fs.exists(self._fresh(self._path(rel)))))
 
     def size(self, rel: str) -> int | None:
         def op() -> int | None:
             try:
-                info = self.fs.info(self._path(rel))
+                info = self.fs.info(self._fresh(self._path(rel)))
             except FileNotFoundError:
                 return None
             return None if info.get("type") == "directory" else int(info["size"])
@@ -294,7 +300,8 @@ class FsspecStorage(Storage):
         return bytes(self._call("read", lambda: self.fs.cat_file(self._path(rel))))
 
     def write(self, rel: str, chunks: Sequence[Buffer]) -> None:
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # botocore accepts bytes, not memoryviews: one copy of the (bounded-size) file here
+        data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
         self._call("write", lambda: self.fs.pipe_file(self._path(rel), data))
 
     def write_new(self, rel: str, data: bytes) -> None:

@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exitcodes.PERMANENT
-    from distrib.checkpoint import CheckpointError
+    from distrib.checkpoint import CheckpointError, SaveFailedError
     from distrib.trainer import Trainer
 
     try:
@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as exc:
         log.error("%s", exc)
         return exitcodes.PERMANENT
+    except SaveFailedError as exc:
+        log.error("%s", exc)
+        return exitcodes.FAILURE
     except KeyboardInterrupt:
         log.error("interrupted")
         return exitcodes.FAILURE

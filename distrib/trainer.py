@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset
 
 from distrib import dist
-from distrib.checkpoint import CheckpointError, CheckpointStore
+from distrib.checkpoint import CheckpointError, CheckpointStore, SaveFailedError
 from distrib.checkpointer import Checkpointer
 from distrib.config import Config, ConfigError
 from distrib.early_stopping import EarlyStopping
@@ -164,6 +164,7 @@ class Trainer:
     def _build_model(self, task: Task) -> None:
         self.device = self.info.device
         self.module = task.model.to(self.device)
+        self.raw_module = unwrap(self.module)  # state dicts without torch.compile's prefixes
         self.model: torch.nn.Module = self.module
         if dist.world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -215,7 +216,7 @@ class Trainer:
         for skipped in plan.skipped if dist.rank() == 0 else ():
             log.warning("skipping checkpoint %s", skipped)
         if plan.kind == "error":
-            raise CheckpointError(plan.message)
+            raise CheckpointError(plan.message) if plan.permanent else RuntimeError(plan.message)
         if plan.kind == "complete":
             log.info("%s: nothing to do (use --force-restart to train again)", plan.message)
             return FitResult("already_complete", 0, 0, message=plan.message)
@@ -229,7 +230,7 @@ class Trainer:
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state shared by all ranks, this rank's own state) for a checkpoint."""
         shared = {
-            "model": self.module.state_dict(),
+            "model": self.raw_module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -245,7 +246,7 @@ class Trainer:
         return shared, per_rank
 
     def _restore(self, state: dict[str, Any], manifest: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
+        self.raw_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -351,6 +352,7 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         t = self.config.train
+        self.checkpointer.fence()  # a background snapshot may still be reading the weights
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.scaler is not None and (t.clip_grad_norm or t.clip_grad_value):
             self.scaler.unscale_(self.optimizer)
@@ -393,7 +395,7 @@ class Trainer:
     def _check_agreement(self, agreed: list[bool]) -> None:
         """Act on flags every rank agreed on (see :class:`distrib.dist.LaggedAgreement`)."""
         if agreed[0]:
-            raise CheckpointError(f"{self.config.ckpt.max_failed_saves} consecutive checkpoint "
+            raise SaveFailedError(f"{self.config.ckpt.max_failed_saves} consecutive checkpoint "
                                   "saves failed; stopping (the newest committed checkpoint is "
                                   "intact)")
 
@@ -480,7 +482,7 @@ class Trainer:
         es.load_state_dict(es_state)
         if improved and es.restore_best_weights:
             self.best_state = {k: v.detach().to("cpu", copy=True)
-                               for k, v in self.module.state_dict().items()}
+                               for k, v in self.raw_module.state_dict().items()}
         return bool(stop and self.config.early_stop.early_stop)
 
     def _log_epoch(self, metrics: dict[str, float]) -> None:
@@ -504,12 +506,15 @@ class Trainer:
         cfg = self.config
         meta = {"epoch": self.epoch, "global_step": self.global_step,
                 "world_size": dist.world_size(), "final": final,
-                "config_fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
+                "config_fingerprint": cfg.fingerprint(), "config": cfg.to_public_dict(),
                 "metric": None if metric is None else {
                     "name": cfg.early_stop.monitor, "value": metric, "mode": cfg.early_stop.mode},
                 "torch": torch.__version__}
+        deferrable = [*self.raw_module.parameters(),
+                      *(v for st in self.optimizer.state.values() for v in st.values()
+                        if isinstance(v, torch.Tensor))]
         self.checkpointer.save(self.global_step, shared, per_rank, meta, blocking=final,
-                               replace=final)
+                               replace=final, deferrable=deferrable)
 
     def _finish(self) -> FitResult:
         """Restore the best weights if asked, write the final checkpoint and the COMPLETE marker.
@@ -517,7 +522,7 @@ class Trainer:
         es = self.early_stopping
         note = ""
         if es.restore_best_weights and self.best_state is not None:
-            self.module.load_state_dict(self.best_state)
+            self.raw_module.load_state_dict(self.best_state)
             note = f"; weights restored from the best epoch {es.best_epoch + 1} " \
                    f"({es.monitor} {es.best:.4f})"  # type: ignore[operator]
         # A checkpoint of this very step already exists after a step save on the last step, or
@@ -528,7 +533,7 @@ class Trainer:
             self._save(metric=self.last_metric, final=True)
         self.agreement.drain()
         if dist.any_rank(self.checkpointer.wait()):
-            raise CheckpointError("the final checkpoint could not be written")
+            raise SaveFailedError("the final checkpoint could not be written")
         if dist.rank() == 0:
             self.checkpointer.store.mark_complete({
                 "step": self.global_step, "epoch": self.epoch, "reason": self.stop_reason})

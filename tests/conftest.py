@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
 
@@ -83,6 +84,34 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
+@pytest.fixture(autouse=True)
+def _reset_distrib_logging() -> Iterator[None]:
+    """Trainer.fit() gives the ``distrib`` logger its own handler and stops propagation; undo
+    that after each test so that caplog works in whatever order tests run."""
+    yield
+    logger = logging.getLogger("distrib")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():  # type: ignore[no-untyped-def]
+    """A moto S3 server on loopback for the whole session."""
+    from .s3servers import MotoServer
+
+    server = MotoServer()
+    yield server.endpoint
+    server.stop()
+
+
 @pytest.fixture
-def ckpt_dir(tmp_path: Path) -> Path:
-    return tmp_path / "ckpt"
+def s3_url(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``s3://<fresh bucket>/run`` on the moto server, with this process's AWS env pointed at it."""
+    from .s3servers import clear_s3fs_cache, make_bucket, s3_env
+
+    for key, value in s3_env(moto_endpoint).items():
+        monkeypatch.setenv(key, value)
+    clear_s3fs_cache()
+    return f"s3://{make_bucket(moto_endpoint)}/run"
