@@ -45,6 +45,7 @@ FORMAT = "distrib-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
+PROGRESS = "progress.json"
 CHECKSUM = "xxh3_128"
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
 _STAGE_RE = re.compile(r"^\.step-(\d{9,})\.tmp-[0-9a-f]+$")
@@ -346,3 +347,15 @@ class CheckpointStore:
 
     def clear_complete(self) -> None:
         self.storage.delete(COMPLETE)
+        self.storage.delete(PROGRESS)
+
+    def write_progress(self, info: dict[str, Any]) -> None:
+        """Overwrite the progress heartbeat (how far the running job got)."""
+        self.storage.write(PROGRESS, [json.dumps(info).encode()])
+
+    def progress(self) -> dict[str, Any] | None:
+        """The last heartbeat, or None."""
+        try:
+            return dict(json.loads(self.storage.read(PROGRESS)))
+        except (FileNotFoundError, ValueError):
+            return None

@@ -41,6 +41,7 @@ class StartPlan:
     message: str = ""
     skipped: list[str] = field(default_factory=list)
     permanent: bool = True  # for errors: retrying the job will not help
+    progress: dict[str, Any] | None = None  # the last heartbeat of the interrupted run
 
 
 def retention(infos: list[CheckpointInfo], keep_last: int, keep_best: int,
@@ -74,23 +75,28 @@ class Checkpointer:
         self.failures = 0
         self.fatal = False
         self.last_saved_step: int | None = None
+        self.last_committed_step: int | None = None  # rank 0: newest commit by/for this run
         self.last_save_seconds = 0.0
         self.stall_seconds = 0.0
         self._buffer = FlatBuffer()
         self._thread: threading.Thread | None = None
         self._copied: threading.Event | None = None
+        self._progress_thread: threading.Thread | None = None
+        self._progress_at = float("-inf")
         self.fence_seconds = 0.0
         self._result: tuple[int, float, int, BaseException | None] | None = None
 
     # ------------------------------------------------------------------ saving
 
     def save(self, step: int, state: dict[str, Any], per_rank: Any, meta: dict[str, Any],
-             *, blocking: bool = False, replace: bool = False,
+             *, blocking: bool = False, replace: bool = False, skip_if_committed: bool = False,
              deferrable: Iterable[torch.Tensor] = ()) -> None:
         """Checkpoint ``state`` (identical on all ranks) plus every rank's ``per_rank`` at ``step``.
 
         Collective: every rank calls it. ``blocking`` waits for the write (end of training,
         preemption); ``replace`` first deletes an existing checkpoint of the same step.
+        ``skip_if_committed`` makes it a no-op when this process already committed (or resumed
+        from) this very step.
         ``deferrable`` names tensors that stay unchanged until the caller's next :meth:`fence`
         (parameters and optimizer state do, until the next optimizer step): an asynchronous save
         copies those in the background, overlapping the next forward and backward passes.
@@ -101,6 +107,8 @@ class Checkpointer:
             return
         started = time.perf_counter()
         self._join(waiting_for=step)
+        if skip_if_committed and self.last_committed_step == step:
+            return
         skeleton, tensors = flatten_state({**state, "per_rank": gathered})
         layout = plan_layout(tensors)
         background = self.async_save and not blocking
@@ -163,6 +171,7 @@ class Checkpointer:
         self.last_save_seconds = seconds
         if error is None:
             self.failures = 0
+            self.last_committed_step = step
             log.info("checkpoint step %d saved to %s/%s (%.1f MB in %.2fs)", step,
                      self.store.storage.url, step_dir(step), nbytes / 1e6, seconds)
             return
@@ -171,6 +180,34 @@ class Checkpointer:
                   self.max_failed_saves, type(error).__name__, error)
         if self.failures >= self.max_failed_saves:
             self.fatal = True
+
+    def note_progress(self, step: int, epoch: int, every_s: float = 2.0,
+                      reason: str = "running") -> None:
+        """Rank 0: record how far training got (at most every ``every_s`` seconds, in the
+        background), so that a resume after a crash can tell how many steps were lost.
+        ``reason="preempted"`` records, synchronously, that training stopped at ``step``."""
+        now = time.monotonic()
+        if self.rank != 0:
+            return
+        if reason != "running":
+            self.store.write_progress({"step": step, "epoch": epoch, "time": time.time(),
+                                       "reason": reason})
+            return
+        if now - self._progress_at < every_s:
+            return
+        if self._progress_thread is not None and self._progress_thread.is_alive():
+            return
+        self._progress_at = now
+
+        def write() -> None:
+            try:
+                self.store.write_progress({"step": step, "epoch": epoch, "time": time.time(),
+                                           "reason": "running"})
+            except Exception as exc:  # a missed heartbeat only makes a log line less precise
+                log.debug("progress heartbeat failed: %s", exc)
+        self._progress_thread = threading.Thread(target=write, name="distrib-progress",
+                                                 daemon=True)
+        self._progress_thread.start()
 
     def fence(self) -> None:
         """Wait until the tensors deferred by the last :meth:`save` are copied. Call before
@@ -240,7 +277,8 @@ class Checkpointer:
             except CorruptCheckpoint as exc:
                 skipped.append(str(exc))
                 continue
-            return StartPlan("resume", self.store.storage.url, info.name, skipped=skipped), loaded
+            return StartPlan("resume", self.store.storage.url, info.name, skipped=skipped,
+                             progress=self.store.progress()), loaded
         if committed:
             return StartPlan("error", skipped=skipped, message=(
                 f"{self.store.storage.url} holds {len(committed)} checkpoint(s) but none is "
@@ -287,4 +325,5 @@ class Checkpointer:
                                   "checkpoint directory on storage every node can reach?)"
                                   + (f": {error}" if error else ""))
         assert loaded is not None
+        self.last_committed_step = loaded.info.step
         return unflatten_state(loaded.skeleton, loaded.tensors), loaded.info

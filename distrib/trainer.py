@@ -28,7 +28,10 @@ from distrib.checkpointer import Checkpointer
 from distrib.config import Config, ConfigError
 from distrib.early_stopping import EarlyStopping
 from distrib.logs import Progress, progress_enabled, setup_logging
+from distrib import exitcodes
 from distrib.optim import build_optimizer, build_scheduler, current_lr
+from distrib.preemption import (Preempted, PreemptionHandler, shutdown_budget_problems,
+                                 torchrun_env_problem)
 from distrib.sampler import ResumableSampler
 from distrib.state import capture_rng, derive_seed, restore_rng, seed_everything, seed_worker
 from distrib.storage import open_storage, parse_options
@@ -114,7 +117,6 @@ class Trainer:
         self.last_metric: float | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
-        self.resumed_step: int | None = None
 
     # ================================================================== set-up
 
@@ -122,12 +124,17 @@ class Trainer:
         """Run (or resume) training to the end; see the class docstring."""
         info, owns_group = dist.setup(self.config.train.dist_timeout)
         self.info = info
+        self._fit_started = time.perf_counter()
+        self._first_step_at: float | None = None
+        self._budget_checked = False
         setup_logging(info.rank, self.config.log.log_level)
+        self.preemption = PreemptionHandler().install()
         try:
             result = self._fit()
             dist.barrier()  # nobody leaves while a peer may still be talking to it
             return result
         finally:
+            self.preemption.uninstall()
             if owns_group:
                 dist.teardown()
 
@@ -140,7 +147,10 @@ class Trainer:
         self._build_model(self.task)
         self._build_optim(self.task)
         self.checkpointer = self._build_checkpointer()
-        self.agreement = dist.LaggedAgreement(1)
+        self.agreement = dist.LaggedAgreement(2)  # [a fatal save failure, a preemption notice]
+        problems = [*shutdown_budget_problems(None), torchrun_env_problem()]
+        for problem in filter(None, problems) if dist.rank() == 0 else ():
+            log.warning("%s", problem)
         started = self._start()
         if started is not None:
             return started
@@ -224,7 +234,7 @@ class Trainer:
             log.warning("%s", plan.message)
         if plan.kind == "resume":
             state, info = self.checkpointer.load(plan, loaded, self.storage_options)
-            self._restore(state, info.manifest)
+            self._restore(state, info.manifest, f"{plan.root}/{plan.name}", plan.progress)
         return None
 
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -245,7 +255,8 @@ class Trainer:
                     "train_loss": [float(self._loss_sum), self._loss_count]}
         return shared, per_rank
 
-    def _restore(self, state: dict[str, Any], manifest: dict[str, Any]) -> None:
+    def _restore(self, state: dict[str, Any], manifest: dict[str, Any], where: str,
+                 progress: dict[str, Any] | None) -> None:
         self.raw_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -260,10 +271,15 @@ class Trainer:
         self.history = list(state["history"])
         self._restore_per_rank(state["per_rank"], int(p["world_size"]))
         age = time.time() - float(manifest.get("created", time.time()))
-        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch (saved %.0fs ago)",
-                 manifest.get("name", f"step {self.global_step}"), self.epoch, self.global_step,
-                 self.samples_done, age)
-        self.resumed_step = self.global_step
+        lost = ""
+        reached = int((progress or {}).get("step", -1))
+        if reached > self.global_step:
+            lost = (f"; the interrupted run had reached step {reached} at least, so "
+                    f"{reached - self.global_step} steps are replayed")
+        elif reached == self.global_step and (progress or {}).get("reason") == "preempted":
+            lost = "; it was written at a preemption notice, so no steps are lost"
+        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch, saved %.0fs "
+                 "ago%s", where, self.epoch + 1, self.global_step, self.samples_done, age, lost)
         self._check_limits()
 
     def _check_limits(self) -> None:
@@ -380,9 +396,14 @@ class Trainer:
             cb.on_step_end(self)
         every = cfg.log.log_every_steps
         if every and self.global_step % every == 0:
-            log.info("step %d | epoch %d | loss %.4f | lr %.3g", self.global_step, self.epoch,
+            log.info("step %d | epoch %d | loss %.4f | lr %.3g", self.global_step, self.epoch + 1,
                      self._running_loss(), current_lr(self.optimizer))
-        self._check_agreement(self.agreement.exchange([self.checkpointer.poll()]))
+        if self._first_step_at is None:
+            self._first_step_at = time.perf_counter() - self._fit_started
+            log.info("first optimizer step done %.2fs after start-up began", self._first_step_at)
+        self.checkpointer.note_progress(self.global_step, self.epoch)
+        self._check_shutdown_budget()
+        self._agree()
         if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
             self.stop_reason = "max_steps"
             self.stop_message = f"reached --max-steps {cfg.train.max_steps}"
@@ -392,12 +413,43 @@ class Trainer:
             self._save()
         return False
 
-    def _check_agreement(self, agreed: list[bool]) -> None:
-        """Act on flags every rank agreed on (see :class:`distrib.dist.LaggedAgreement`)."""
-        if agreed[0]:
+    def _check_shutdown_budget(self) -> None:
+        """After the first save, warn once if an emergency save would not fit torchrun's
+        shutdown timeout (rank 0, which is the one that writes)."""
+        seconds = self.checkpointer.last_save_seconds
+        if self._budget_checked or dist.rank() != 0 or not seconds:
+            return
+        self._budget_checked = True
+        for problem in shutdown_budget_problems(seconds + self.checkpointer.stall_seconds):
+            log.warning("%s", problem)
+
+    def _agree(self) -> None:
+        """Exchange this step's local flags and act on the ones every rank agreed on a step ago
+        (see :class:`distrib.dist.LaggedAgreement`). Collective, but never blocks on the step."""
+        fatal, preempt = self.agreement.exchange([self.checkpointer.poll(),
+                                                  self.preemption.requested])
+        if fatal:
             raise SaveFailedError(f"{self.config.ckpt.max_failed_saves} consecutive checkpoint "
                                   "saves failed; stopping (the newest committed checkpoint is "
                                   "intact)")
+        if preempt:
+            self._emergency_save()
+
+    def _emergency_save(self) -> None:
+        """Every rank: wait for the save in flight, commit this step, then leave together."""
+        name = self.preemption.signal_name
+        if dist.rank() == 0:
+            log.warning("preemption notice (%s): writing an emergency checkpoint at step %d",
+                        name or "received by another rank", self.global_step)
+        started = time.perf_counter()
+        self._save(metric=None, blocking=True)
+        if dist.any_rank(self.checkpointer.fatal):
+            raise SaveFailedError("the emergency checkpoint could not be written")
+        self.checkpointer.note_progress(self.global_step, self.epoch, reason="preempted")
+        if dist.rank() == 0:
+            log.warning("emergency checkpoint committed in %.1fs; exiting with code %d "
+                        "(preempted)", time.perf_counter() - started, exitcodes.PREEMPTED)
+        raise Preempted(self.global_step, name)
 
     def _epoch_save_due(self) -> bool:
         every = self.config.ckpt.save_every_epochs
@@ -425,7 +477,7 @@ class Trainer:
         self.epoch += 1
         self.samples_done = 0
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
-        self._check_agreement(self.agreement.exchange([self.checkpointer.poll()]))
+        self._agree()
         if stop:
             self.stop_reason, self.stop_message = "early_stop", self.early_stopping.reason or ""
             log.info("%s", self.stop_message)
@@ -500,8 +552,13 @@ class Trainer:
 
     # ================================================================== saving & finishing
 
-    def _save(self, metric: float | None = None, *, final: bool = False) -> None:
-        """Checkpoint the full state at this optimizer-step boundary. Collective."""
+    def _save(self, metric: float | None = None, *, final: bool = False, blocking: bool = False,
+              replace: bool = False) -> None:
+        """Checkpoint the full state at this optimizer-step boundary. Collective.
+
+        ``blocking`` saves (final, emergency) return once the checkpoint is committed and skip
+        the write when this very step is already committed; ``replace`` rewrites it instead.
+        """
         shared, per_rank = self._snapshot()
         cfg = self.config
         meta = {"epoch": self.epoch, "global_step": self.global_step,
@@ -513,8 +570,12 @@ class Trainer:
         deferrable = [*self.raw_module.parameters(),
                       *(v for st in self.optimizer.state.values() for v in st.values()
                         if isinstance(v, torch.Tensor))]
-        self.checkpointer.save(self.global_step, shared, per_rank, meta, blocking=final,
-                               replace=final, deferrable=deferrable)
+        blocking = blocking or final
+        self.checkpointer.save(self.global_step, shared, per_rank, meta, blocking=blocking,
+                               replace=replace, skip_if_committed=blocking and not replace,
+                               deferrable=deferrable)
+        if blocking:
+            dist.barrier()  # nobody exits while rank 0 is still committing
 
     def _finish(self) -> FitResult:
         """Restore the best weights if asked, write the final checkpoint and the COMPLETE marker.
@@ -525,19 +586,16 @@ class Trainer:
             self.raw_module.load_state_dict(self.best_state)
             note = f"; weights restored from the best epoch {es.best_epoch + 1} " \
                    f"({es.monitor} {es.best:.4f})"  # type: ignore[operator]
-        # A checkpoint of this very step already exists after a step save on the last step, or
-        # when this run resumed from its own final checkpoint; it is rewritten only if the
-        # weights changed (restore-best), since deleting it opens a window without it.
-        exists = self.global_step in (self.checkpointer.last_saved_step, self.resumed_step)
-        if not exists or note:
-            self._save(metric=self.last_metric, final=True)
+        # A checkpoint of this very step may exist already (a step save on the last step, or
+        # this run resumed from its own final checkpoint): it is kept, unless restore-best
+        # changed the weights, which rewrites it.
+        self._save(metric=self.last_metric, final=True, replace=bool(note))
         self.agreement.drain()
         if dist.any_rank(self.checkpointer.wait()):
             raise SaveFailedError("the final checkpoint could not be written")
         if dist.rank() == 0:
             self.checkpointer.store.mark_complete({
                 "step": self.global_step, "epoch": self.epoch, "reason": self.stop_reason})
-        dist.barrier()
         log.info("training finished after %d epochs, %d steps: %s%s", self.epoch,
                  self.global_step, self.stop_message, note)
         result = FitResult(self.stop_reason or "max_epochs", self.epoch, self.global_step,

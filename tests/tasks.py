@@ -24,15 +24,18 @@ def tiny(config: Config) -> Task:
     """A linear classifier on a few hundred samples: fast, deterministic, no dropout.
 
     task args: ``train`` and ``val`` sample counts, ``dropout`` (adds a dropout layer, to
-    exercise the RNG on resume).
+    exercise the RNG on resume), ``width`` and ``depth`` (hidden layers, for large states).
     """
     n_train = task_arg(config, "train", int, 256)
     n_val = task_arg(config, "val", int, 101)
     dropout = task_arg(config, "dropout", float, 0.0)
-    layers: list[nn.Module] = [nn.Linear(8, 16), nn.Tanh()]
+    width = task_arg(config, "width", int, 16)
+    layers: list[nn.Module] = [nn.Linear(8, width), nn.Tanh()]
+    for _ in range(task_arg(config, "depth", int, 0)):  # extra width x width layers: big states
+        layers += [nn.Linear(width, width), nn.Tanh()]
     if dropout:
         layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(16, 3))
+    layers.append(nn.Linear(width, 3))
     return Task(model=nn.Sequential(*layers), train_dataset=_data(config.train.seed, n_train),
                 val_dataset=_data(config.train.seed + 1, n_val) if n_val else None,
                 loss_fn=nn.CrossEntropyLoss(), metrics={"accuracy": accuracy})

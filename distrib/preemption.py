@@ -1,0 +1,120 @@
+"""Preemption notices: a signal handler that only sets a flag.
+
+SIGTERM is what Kubernetes (and torchrun, forwarding it) sends before killing a pod; SLURM sends
+SIGUSR1 ahead of a time limit when asked to (``--signal=USR1@120``). The handler does nothing but
+record the request: no I/O, no locks, no collectives. The trainer looks at :attr:`requested` at
+step boundaries, agrees on it across ranks, writes an emergency checkpoint and exits with
+:data:`distrib.exitcodes.PREEMPTED`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any, Iterable
+
+DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class PreemptionHandler:
+    """Install with :meth:`install`, remove with :meth:`uninstall` (or use as a context manager).
+
+    Only the main thread can install signal handlers; elsewhere (e.g. a trainer driven from a
+    worker thread) :meth:`install` does nothing and :attr:`requested` stays false.
+    """
+
+    def __init__(self, signals: Iterable[str] = DEFAULT_SIGNALS) -> None:
+        self.signals = [getattr(signal, name) for name in signals if hasattr(signal, name)]
+        self.requested = False
+        self.signal_name: str | None = None
+        self.received_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # async-signal context: set plain attributes and return, nothing else
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        self.received_at = time.monotonic()
+
+    def install(self) -> "PreemptionHandler":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+
+class Preempted(Exception):
+    """Raised on every rank after the emergency checkpoint of a preemption is committed."""
+
+    def __init__(self, step: int, signal_name: str | None) -> None:
+        super().__init__(f"preempted ({signal_name or 'signal on another rank'}); emergency "
+                         f"checkpoint at step {step} committed")
+        self.step = step
+
+
+def _env_seconds(name: str) -> float | None:
+    import os
+
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def torchrun_env_problem() -> str | None:
+    """A warning if torchrun restarts workers while sharing its rendezvous store with them.
+
+    The shared store keeps the previous round's keys and restart counts are per node, so a
+    restarted worker can read a dead peer's address and fail to connect, again and again
+    (pytorch/pytorch#135712). ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment
+    gives every round a fresh store; ``python -m distrib.launch`` sets it.
+    """
+    import os
+
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and restarts.isdigit() and int(restarts) > 0:
+        return ("torchrun shares its rendezvous store with the workers, so restarted workers may "
+                "fail to reconnect (pytorch/pytorch#135712): set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun, or launch with "
+                "python -m distrib.launch, which does")
+    return None
+
+
+def shutdown_budget_problems(save_seconds: float | None) -> list[str]:
+    """Check the order emergency save < torchrun's shutdown timeout < the pod's grace period.
+
+    torchrun forwards SIGTERM and SIGKILLs its workers ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``
+    seconds (default 30) later; Kubernetes SIGKILLs the pod ``terminationGracePeriodSeconds``
+    after SIGTERM (the manifests pass it as ``DISTRIB_GRACE_PERIOD_SECONDS``). Returns one
+    sentence per violated inequality (empty when fine or unknown).
+    """
+    import os
+
+    problems = []
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    shutdown = _env_seconds("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or (30.0 if under_torchrun else None)
+    grace = _env_seconds("DISTRIB_GRACE_PERIOD_SECONDS")
+    if shutdown is not None and grace is not None and shutdown >= grace:
+        problems.append(f"torchrun's shutdown timeout ({shutdown:.0f}s, "
+                        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT) is not below the pod's grace period "
+                        f"({grace:.0f}s): the pod may be killed before torchrun's workers finish")
+    if save_seconds is not None and shutdown is not None and save_seconds * 1.5 >= shutdown:
+        problems.append(f"an emergency checkpoint takes about {save_seconds:.1f}s, too close to "
+                        f"torchrun's shutdown timeout ({shutdown:.0f}s): raise "
+                        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT (and the grace period above it)")
+    return problems

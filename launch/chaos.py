@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Chaos test for a distrib job: SIGKILL random workers at random times, then check that the
+final weights are bit-identical to an uninterrupted run of the same command.
+
+    python launch/chaos.py [--nproc 2] [--kills 5] [--seed 0] -- [distrib.train arguments]
+
+for example::
+
+    python launch/chaos.py --kills 5 -- --task mypkg.mod:build --max-epochs 3 --save-every-steps 50
+
+It runs the job twice under ``torchrun --nproc_per_node=N``, each in a fresh checkpoint directory
+under ``--workdir``: once undisturbed (the reference), and once with ``--max-restarts`` so that
+torchrun restarts the workers after each kill. After every (re)start, once rank 0 logs its first
+optimizer step, it waits a random time and SIGKILLs one random worker process. If torchrun gives
+up, the job is launched again (as Kubernetes would restart the pod). Finally both final models are
+exported with ``python -m distrib.ckpt export`` and compared tensor by tensor.
+
+Exit code 0 if they are bit-identical, 1 if not, 2 if a run failed. Linux only (it finds the
+worker processes in /proc). Use a seed-determined task: the comparison is the whole point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+FIRST_STEP = "first optimizer step done"
+
+
+def log(message: str) -> None:
+    print(f"[chaos] {message}", flush=True)
+
+
+def descendants(root: int) -> list[int]:
+    """PIDs of every process below ``root`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def workers(torchrun_pid: int) -> list[int]:
+    """The training worker processes under a torchrun process."""
+    pids = []
+    for pid in descendants(torchrun_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if b"distrib.train" in cmd and b"torch.distributed.run" not in cmd:
+            pids.append(pid)
+    return pids
+
+
+class Job:
+    """One torchrun process; watches its output for rank 0's first optimizer step."""
+
+    def __init__(self, cmd: list[str], log_path: Path) -> None:
+        self.log = open(log_path, "a")
+        # torchrun must not share its rendezvous store with the workers, or restarted workers
+        # can read the previous round's addresses (pytorch/pytorch#135712)
+        env = dict(os.environ)
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True, env=env)
+        self.started = threading.Event()
+        self.replayed: list[int] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            if FIRST_STEP in line:
+                self.started.set()
+            if "steps are replayed" in line:
+                self.replayed.append(int(line.rsplit(" steps are replayed", 1)[0].split()[-1]))
+
+
+def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Path,
+            kills: int, rng: random.Random, delays: tuple[float, float],
+            max_relaunches: int) -> dict[str, object]:
+    """Run the job to completion while killing ``kills`` workers; return what happened."""
+    cmd = torchrun + ["-m", "distrib.train", *train_args, "--checkpoint-dir", str(ckpt)]
+    done_kills, relaunches, replayed = 0, 0, []
+    while True:
+        job = Job(cmd, log_path)
+        while done_kills < kills and job.proc.poll() is None:
+            if not job.started.wait(timeout=0.5):
+                continue
+            time.sleep(rng.uniform(*delays))
+            pids = workers(job.proc.pid)
+            if not pids or job.proc.poll() is not None:
+                break
+            victim = rng.choice(pids)
+            job.started.clear()  # the restarted workers will log their first step again
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            done_kills += 1
+            log(f"kill {done_kills}/{kills}: SIGKILL worker pid {victim}")
+        rc = job.proc.wait()
+        replayed += job.replayed
+        if rc == 0:
+            return {"kills": done_kills, "relaunches": relaunches, "replayed_steps": replayed}
+        if relaunches >= max_relaunches:
+            raise RuntimeError(f"the job failed (torchrun exit {rc}); see {log_path}")
+        relaunches += 1
+        log(f"torchrun exited {rc}: relaunching the same command ({relaunches})")
+
+
+def export(ckpt: Path, out: Path) -> None:
+    subprocess.run([sys.executable, "-m", "distrib.ckpt", "export", str(ckpt), str(out)],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    """Names of tensors that differ (bit for bit) between two exported state dicts."""
+    import torch
+
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    if x.keys() != y.keys():
+        return sorted(set(x) ^ set(y))
+    return [k for k in x if x[k].dtype != y[k].dtype or not torch.equal(x[k], y[k])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc", type=int, default=2, help="workers (default 2)")
+    parser.add_argument("--kills", type=int, default=5, help="workers to SIGKILL (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the kill schedule")
+    parser.add_argument("--min-delay", type=float, default=0.3,
+                        help="seconds after a (re)start's first step before a kill, at least")
+    parser.add_argument("--max-delay", type=float, default=2.0, help="... and at most")
+    parser.add_argument("--workdir", type=Path, help="where runs and logs go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON here")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER,
+                        help="-- followed by distrib.train arguments")
+    args = parser.parse_args(argv)
+    train_args = [a for a in args.train_args if a != "--"] if args.train_args else []
+    if "--checkpoint-dir" in train_args:
+        parser.error("do not pass --checkpoint-dir: chaos uses fresh directories in --workdir")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="distrib-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={args.nproc}"]
+    rng = random.Random(args.seed)
+    started = time.monotonic()
+    try:
+        log(f"reference run (no faults) in {work / 'reference'}")
+        run_job(torchrun, train_args, work / "reference", work / "reference.log", 0, rng,
+                (0, 0), 0)
+        reference_s = time.monotonic() - started
+        log(f"chaos run: {args.kills} SIGKILLs in {work / 'chaos'}")
+        chaos = run_job(torchrun + [f"--max-restarts={args.kills + 2}"], train_args,
+                        work / "chaos", work / "chaos.log", args.kills, rng,
+                        (args.min_delay, args.max_delay), 3)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        log(f"FAILED: {exc}")
+        return 2
+    export(work / "reference", work / "reference.pt")
+    export(work / "chaos", work / "chaos.pt")
+    differ = compare(work / "reference.pt", work / "chaos.pt")
+    result = {**chaos, "identical": not differ, "differing_tensors": differ,
+              "reference_seconds": round(reference_s, 1),
+              "total_seconds": round(time.monotonic() - started, 1), "workdir": str(work)}
+    log(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result))
+    if differ:
+        log(f"FAIL: {len(differ)} tensors differ from the uninterrupted run: {differ[:5]}")
+        return 1
+    log(f"PASS: after {chaos['kills']} SIGKILLs and {chaos['relaunches']} relaunches the final "
+        "weights are bit-identical to the uninterrupted run")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

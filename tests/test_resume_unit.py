@@ -1,0 +1,95 @@
+"""Resume options, the preemption flag and the launcher, in one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distrib import Config, Trainer
+from distrib.checkpoint import CheckpointError, CheckpointStore
+from distrib.launch import split_args, worker_code
+from distrib.preemption import PreemptionHandler, shutdown_budget_problems, torchrun_env_problem
+from distrib.storage import LocalStorage
+
+from .conftest import REPO, base_env
+
+TINY = ["--task", "tests.tasks:tiny", "--no-progress", "--log-level", "warning",
+        "--no-early-stop"]
+
+
+def test_resume_from_an_explicit_checkpoint_url(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(Config.from_args(TINY + ["--max-epochs", "2", "--checkpoint-dir", str(a)])).fit()
+    first = CheckpointStore(LocalStorage(str(a))).scan()[0]  # the epoch-1 checkpoint
+    result = Trainer(Config.from_args(TINY + ["--max-epochs", "3", "--checkpoint-dir", str(b),
+                                              "--resume", f"{a}/{first.name}"])).fit()
+    assert result.epochs == 3 and len(result.history) == 3  # history came from the checkpoint
+    assert [i.step for i in CheckpointStore(LocalStorage(str(b))).scan()] == [8, 12]
+
+
+def test_resume_from_a_damaged_explicit_checkpoint_is_an_error(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    Trainer(Config.from_args(TINY + ["--max-epochs", "1", "--checkpoint-dir", str(a)])).fit()
+    step = CheckpointStore(LocalStorage(str(a))).scan()[0].name
+    (a / step / "manifest.json").write_text("{")
+    config = Config.from_args(TINY + ["--checkpoint-dir", str(tmp_path / "b"), "--resume",
+                                      f"{a}/{step}"])
+    with pytest.raises(CheckpointError, match="manifest unreadable"):
+        Trainer(config).fit()
+
+
+def test_handler_only_sets_a_flag_and_restores_the_previous_handler() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionHandler() as handler:
+        assert not handler.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.requested and handler.signal_name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_timeout_ordering_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("DISTRIB_GRACE_PERIOD_SECONDS", "20")
+    assert "not below the pod's grace period" in shutdown_budget_problems(None)[0]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "10")
+    assert shutdown_budget_problems(None) == []
+    assert "emergency checkpoint takes about 8.0s" in shutdown_budget_problems(8.0)[0]
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert "135712" in (torchrun_env_problem() or "")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert torchrun_env_problem() is None
+
+
+@pytest.mark.parametrize("argv, torchrun, script", [
+    (["--nproc_per_node=2", "-m", "distrib.train", "--lr", "0.1"],
+     ["--nproc_per_node=2", "-m", "distrib.train"], ["--lr", "0.1"]),
+    (["--nnodes", "2", "--standalone", "train.py", "--x"],
+     ["--nnodes", "2", "--standalone", "train.py"], ["--x"]),
+])
+def test_launcher_splits_torchrun_and_script_arguments(argv: list[str], torchrun: list[str],
+                                                       script: list[str]) -> None:
+    assert split_args(argv) == (torchrun, script)
+
+
+def test_launcher_prefers_permanent_then_preempted(tmp_path: Path) -> None:
+    (tmp_path / "rank-0").write_text("75")
+    (tmp_path / "rank-1").write_text("1")
+    assert worker_code(str(tmp_path)) == 75
+    (tmp_path / "rank-2").write_text("2")
+    assert worker_code(str(tmp_path)) == 2
+
+
+def test_launcher_rejects_bad_arguments_before_starting_torchrun(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "distrib.launch", "--nproc_per_node=2", "-m",
+                           "distrib.train", "--optimizer", "lion"], cwd=tmp_path,
+                          env=base_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "invalid choice: 'lion'" in proc.stderr
+    assert "torch.distributed.run" not in proc.stderr  # torchrun was never started
+    assert str(REPO) not in proc.stderr
