@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -80,10 +81,36 @@ def setup(timeout_s: float) -> tuple[DistInfo, bool]:
     return info, True
 
 
-def teardown() -> None:
-    """Leave the process group, if there is one. Safe to call on error paths."""
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+def teardown(graceful: bool = False) -> None:
+    """Leave the process group, if there is one. Safe to call on error paths.
+
+    ``graceful`` (every rank, after its last collective): rank 0 leaves last. Rank 0 usually hosts
+    the TCPStore (always outside torchrun, and under torchrun with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``); a peer whose store client is still alive when the
+    server goes away can abort with "terminate called without an active exception". So peers
+    report through the store that they have left, and rank 0 waits for them (bounded).
+    """
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    store, rank, world = None, tdist.get_rank(), tdist.get_world_size()
+    if graceful and world > 1:
+        try:
+            store = tdist.distributed_c10d._get_default_store()
+        except Exception:  # a private helper: fall back to a plain teardown
+            store = None
+    tdist.destroy_process_group()
+    if store is None:
+        return
+    try:
+        if rank != 0:
+            store.add("distrib/left", 1)
+            return
+        deadline = time.monotonic() + 10.0
+        while store.add("distrib/left", 0) < world - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # let the peers' clients close their connections
+    except Exception as exc:  # a peer or the store went away first: nothing left to protect
+        log.debug("graceful teardown: %s", exc)
 
 
 def active() -> bool:

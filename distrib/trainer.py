@@ -129,14 +129,19 @@ class Trainer:
         self._budget_checked = False
         setup_logging(info.rank, self.config.log.log_level)
         self.preemption = PreemptionHandler().install()
+        graceful = False
         try:
             result = self._fit()
             dist.barrier()  # nobody leaves while a peer may still be talking to it
+            graceful = True
             return result
+        except Preempted:
+            graceful = True  # every rank raises it together, after a barrier
+            raise
         finally:
             self.preemption.uninstall()
             if owns_group:
-                dist.teardown()
+                dist.teardown(graceful=graceful)
 
     def _fit(self) -> FitResult:
         cfg = self.config

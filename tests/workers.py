@@ -101,7 +101,8 @@ def scenario_fit(out_dir: Path, args: dict[str, Any]) -> None:
                                "resumed_at": trace.resumed_at})
     report["group_alive_after_fit"] = tdist.is_initialized()
     save_output(out_dir, report)
-    dist.teardown()
+    dist.barrier()
+    dist.teardown(graceful=True)
 
 
 def scenario_exact_eval(out_dir: Path, args: dict[str, Any]) -> None:
@@ -131,7 +132,8 @@ def scenario_exact_eval(out_dir: Path, args: dict[str, Any]) -> None:
                           "local_count": len(list(ResumableSampler(
                               len(y), num_replicas=dist.world_size(), rank=dist.rank(),
                               shuffle=False, pad=False)))})
-    dist.teardown()
+    dist.barrier()
+    dist.teardown(graceful=True)
 
 
 SCENARIOS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
