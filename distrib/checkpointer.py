@@ -224,6 +224,11 @@ class Checkpointer:
             self._join()
         return self.fatal
 
+    def committed(self, step: int) -> bool:
+        """Whether checkpoint ``step`` is committed (by this run, or resumed from). Rank 0 knows;
+        other ranks return True, so ``dist.any_rank(not committed)`` is the job-wide answer."""
+        return self.rank != 0 or self.last_committed_step == step
+
     def wait(self) -> bool:
         """Wait for the write in flight (rank 0); return :attr:`fatal`."""
         self._join()

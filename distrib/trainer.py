@@ -448,7 +448,7 @@ class Trainer:
                         name or "received by another rank", self.global_step)
         started = time.perf_counter()
         self._save(metric=None, blocking=True)
-        if dist.any_rank(self.checkpointer.fatal):
+        if dist.any_rank(not self.checkpointer.committed(self.global_step)):
             raise SaveFailedError("the emergency checkpoint could not be written")
         self.checkpointer.note_progress(self.global_step, self.epoch, reason="preempted")
         if dist.rank() == 0:
@@ -596,7 +596,7 @@ class Trainer:
         # changed the weights, which rewrites it.
         self._save(metric=self.last_metric, final=True, replace=bool(note))
         self.agreement.drain()
-        if dist.any_rank(self.checkpointer.wait()):
+        if dist.any_rank(not self.checkpointer.committed(self.global_step)):
             raise SaveFailedError("the final checkpoint could not be written")
         if dist.rank() == 0:
             self.checkpointer.store.mark_complete({

@@ -75,6 +75,13 @@ def test_a_failed_save_is_logged_and_training_continues(capsys: pytest.CaptureFi
     assert store.completion() is not None
 
 
+def test_a_failed_final_save_fails_the_run_and_writes_no_completion_marker() -> None:
+    FlakyFS.faults = {"step-000000012/manifest": [PermissionError("access denied")]}
+    with pytest.raises(SaveFailedError, match="the final checkpoint could not be written"):
+        Trainer(Config.from_args(ARGS + ["--checkpoint-dir", "flaky://run4"])).fit()
+    assert CheckpointStore(open_storage("flaky://run4")).completion() is None
+
+
 def test_consecutive_failures_end_the_job() -> None:
     FlakyFS.faults = {"/step-": [PermissionError("access denied")] * 10}
     config = Config.from_args(ARGS + ["--checkpoint-dir", "flaky://run3",
