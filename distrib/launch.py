@@ -50,11 +50,9 @@ def split_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _takes_value(flag: str) -> bool:
     """Whether a torchrun flag is followed by its value as a separate argument."""
-    if not flag.startswith("-") or "=" in flag:
-        return False
     switches = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path",
-                "--module", "-m", "--tee", "--redirects"}
-    return flag not in switches or flag in ("--tee", "--redirects")
+                "--module", "-m"}
+    return flag.startswith("-") and "=" not in flag and flag not in switches
 
 
 def worker_code(status_dir: str) -> int | None:

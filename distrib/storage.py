@@ -86,9 +86,6 @@ class Storage:
         """Names of the direct children of ``rel`` (files and directories); [] if it is absent."""
         raise NotImplementedError
 
-    def is_dir(self, rel: str) -> bool:
-        raise NotImplementedError
-
     def exists(self, rel: str) -> bool:
         raise NotImplementedError
 
@@ -160,9 +157,6 @@ class LocalStorage(Storage):
             return sorted(os.listdir(self._path(rel)))
         except (FileNotFoundError, NotADirectoryError):
             return []
-
-    def is_dir(self, rel: str) -> bool:
-        return os.path.isdir(self._path(rel))
 
     def exists(self, rel: str) -> bool:
         return os.path.exists(self._path(rel))
@@ -280,9 +274,6 @@ class FsspecStorage(Storage):
             return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries
                            if e.rstrip("/") != path.rstrip("/")})
         return self._call("list", op)
-
-    def is_dir(self, rel: str) -> bool:
-        return bool(self._call("stat", lambda: self.fs.isdir(self._fresh(self._path(rel)))))
 
     def exists(self, rel: str) -> bool:
         return bool(self._call("stat", lambda: self.fs.exists(self._fresh(self._path(rel)))))

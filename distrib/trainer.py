@@ -147,7 +147,7 @@ class Trainer:
         cfg = self.config
         if self.task is None:
             self.task = build_task(cfg)
-        self.metric_names = self.check_monitor(cfg, self.task)
+        self.check_monitor(cfg, self.task)
         seed_everything(derive_seed(cfg.train.seed, "rank", self.info.rank))
         self._build_model(self.task)
         self._build_optim(self.task)
