@@ -569,8 +569,11 @@ class Trainer:
         meta = {"epoch": self.epoch, "global_step": self.global_step,
                 "world_size": dist.world_size(), "final": final,
                 "config_fingerprint": cfg.fingerprint(), "config": cfg.to_public_dict(),
+                # the manifest is strict JSON: a NaN/inf metric is recorded as null (no rank)
                 "metric": None if metric is None else {
-                    "name": cfg.early_stop.monitor, "value": metric, "mode": cfg.early_stop.mode},
+                    "name": cfg.early_stop.monitor,
+                    "value": metric if math.isfinite(metric) else None,
+                    "mode": cfg.early_stop.mode},
                 "torch": torch.__version__}
         deferrable = [*self.raw_module.parameters(),
                       *(v for st in self.optimizer.state.values() for v in st.values()

@@ -45,6 +45,9 @@ def test_nan_on_one_rank_stops_every_rank_with_the_reason_logged(tmp_path: Path)
     assert runs[0]["stop_reason"] == runs[1]["stop_reason"] == "early_stop"
     assert runs[0]["epochs"] == runs[1]["epochs"] < 10
     assert "val_loss = nan is not finite" in results[0].stderr
+    final = CheckpointStore(LocalStorage(str(tmp_path / "ck"))).latest()
+    assert final is not None and final.manifest["final"] is True
+    assert final.manifest["metric"]["value"] is None  # NaN is not JSON
 
 
 @pytest.mark.parametrize("extra", [
