@@ -1,23 +1,38 @@
-"""The Kubernetes base manifests agree with the code: exit codes, timeouts, rendezvous, command.
+"""The Kubernetes manifests, validated offline: schemas, semantics, and their own command run.
 
-(Schema validation against a pinned Kubernetes version, the overlays and running the manifest's
-own command as local "pods" belong to the Kubernetes issue and are not here yet.)"""
+The tests read ``k8s/rendered/<overlay>.yaml`` (what ``k8s/render.sh`` writes with kustomize) so
+that they need no kustomize; where kustomize or kubectl is installed, a test renders the overlays
+again and fails if the committed files are stale.
+"""
 
 from __future__ import annotations
 
+import copy
+import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 from distrib import exitcodes
 from distrib.config import Config
 
-from .conftest import REPO
+from .conftest import REPO, base_env, free_port
 
 yaml = pytest.importorskip("yaml")
-BASE = REPO / "k8s" / "base"
+K8S = REPO / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
+CRDS = REPO.parent / "shared" / "k8s-crds"
+KUBERNETES_VERSION = "1.34.0"  # schemas bundled with the pinned kubernetes-validate
+CRD_FILES = {"PyTorchJob": "pytorchjobs.crd.yaml", "JobSet": "jobsets.crd.yaml"}
+FIRST_STEP = "first optimizer step done"
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,55 +40,437 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def _objects() -> dict[str, dict[str, Any]]:
-    objects = {}
-    for path in sorted(BASE.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            objects[doc["kind"]] = doc
-    return objects
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((K8S / "rendered" / f"{overlay}.yaml").read_text()) if d]
 
 
-def test_job_fault_tolerance_uses_the_real_exit_codes_and_ordered_timeouts() -> None:
-    job = _objects()["Job"]
-    spec, pod = job["spec"], job["spec"]["template"]["spec"]
-    assert spec["completionMode"] == "Indexed" and spec["podReplacementPolicy"] == "Failed"
-    assert pod["restartPolicy"] == "Never"  # required wherever a podFailurePolicy is used
-    rules = {(r["action"], tuple(r.get("onExitCodes", {}).get("values", ())),
-              tuple(c["type"] for c in r.get("onPodConditions", ())))
-             for r in spec["podFailurePolicy"]["rules"]}
-    assert ("Ignore", (), ("DisruptionTarget",)) in rules
-    assert ("Ignore", (exitcodes.PREEMPTED,), ()) in rules
-    assert ("FailJob", (exitcodes.PERMANENT,), ()) in rules
-    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-    grace = pod["terminationGracePeriodSeconds"]
-    assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < grace
-    assert int(env["DISTRIB_GRACE_PERIOD_SECONDS"]) == grace
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    hits = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(hits) == 1, f"expected one {kind} {name or ''}, found {len(hits)}"
+    return hits[0]
+
+
+def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod templates of a workload (Job, PyTorchJob), as their ``template`` objects."""
+    if doc["kind"] == "Job":
+        return [doc["spec"]["template"]]
+    if doc["kind"] == "PyTorchJob":
+        return [r["template"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
+    return []
+
+
+def workloads() -> Iterator[tuple[str, dict[str, Any]]]:
+    for overlay in OVERLAYS:
+        for doc in rendered(overlay):
+            if pod_templates(doc):
+                yield overlay, doc
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", ()) if "value" in e}
+
+
+def argv_of(container: dict[str, Any]) -> list[str]:
+    return list(container.get("command", [])) + list(container.get("args", []))
+
+
+# ------------------------------------------------------------------------------------------------
+# The rendered files are what kustomize makes of the overlays
+
+
+def test_every_overlay_is_rendered_and_the_renders_are_fresh(tmp_path: Path) -> None:
+    assert set(OVERLAYS) == {"s3", "pvc", "pytorchjob"}
+    assert {p.stem for p in (K8S / "rendered").glob("*.yaml")} == set(OVERLAYS)
+    if shutil.which("kustomize"):
+        render = ["kustomize", "build"]
+    elif shutil.which("kubectl"):
+        render = ["kubectl", "kustomize"]
+    else:
+        pytest.skip("neither kustomize nor kubectl is installed: cannot re-render the overlays")
+    for overlay in OVERLAYS:
+        out = subprocess.run([*render, str(K8S / "overlays" / overlay)], capture_output=True,
+                             text=True, check=True).stdout
+        assert list(yaml.safe_load_all(out)) == rendered(overlay), (
+            f"k8s/rendered/{overlay}.yaml is stale: run `bash k8s/render.sh`")
+
+
+# ------------------------------------------------------------------------------------------------
+# Schemas: built-in kinds with kubernetes-validate --strict, custom resources with their CRDs
+
+
+def builtin_documents() -> Iterator[tuple[str, dict[str, Any]]]:
+    for overlay in OVERLAYS:
+        for doc in rendered(overlay):
+            if doc["kind"] not in CRD_FILES:
+                yield overlay, doc
+    for path in sorted(K8S.glob("overlays/*/*.yaml")):
+        if path.name != "kustomization.yaml":
+            for doc in yaml.safe_load_all(path.read_text()):
+                if doc and doc["kind"] not in CRD_FILES:
+                    yield str(path.relative_to(K8S)), doc
+
+
+def test_built_in_kinds_pass_kubernetes_validate_strict() -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    checked = []
+    for where, doc in builtin_documents():
+        kv.validate(doc, KUBERNETES_VERSION, strict=True)
+        checked.append(f"{where}:{doc['kind']}")
+    kinds = {c.split(":")[1] for c in checked}
+    assert {"Job", "Service", "ConfigMap", "PersistentVolumeClaim", "Secret"} <= kinds, checked
+
+
+def test_kubernetes_validate_strict_rejects_an_unknown_or_mistyped_field() -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    job = find(rendered("s3"), "Job")
+    typo = copy.deepcopy(job)
+    typo["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(typo, KUBERNETES_VERSION, strict=True)
+    mistyped = copy.deepcopy(job)
+    mistyped["spec"]["completions"] = "2"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(mistyped, KUBERNETES_VERSION, strict=True)
+
+
+def strict_schema(schema: Any) -> Any:
+    """A CRD's openAPIV3Schema with unknown fields rejected: ``additionalProperties: false`` on
+    every object schema that lists ``properties`` and neither sets ``additionalProperties`` nor
+    is marked ``x-kubernetes-preserve-unknown-fields`` (what a structural schema prunes)."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validator(kind: str) -> Any:
+    jsonschema = pytest.importorskip("jsonschema")
+    path = CRDS / CRD_FILES[kind]
+    if not path.exists():
+        pytest.skip(f"{path.relative_to(REPO.parent)} is absent: the CRD schemas live in "
+                    "../shared/k8s-crds beside the repository")
+    crd = yaml.safe_load(path.read_text())
+    schemas = {f"{crd['spec']['group']}/{v['name']}": v["schema"]["openAPIV3Schema"]
+               for v in crd["spec"]["versions"]}
+    return lambda doc: jsonschema.validate(doc, strict_schema(schemas[doc["apiVersion"]]))
+
+
+def test_custom_resources_match_their_crd_schema_with_unknown_fields_rejected() -> None:
+    checked = 0
+    for overlay in OVERLAYS:
+        for doc in rendered(overlay):
+            if doc["kind"] in CRD_FILES:
+                crd_validator(doc["kind"])(doc)
+                checked += 1
+    assert checked >= 1
+
+
+def test_the_crd_check_rejects_an_unknown_field_and_a_wrong_type() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validate = crd_validator("PyTorchJob")
+    job = find(rendered("pytorchjob"), "PyTorchJob")
+    typo = copy.deepcopy(job)
+    typo["spec"]["elasticPolicy"]["maxRestart"] = 3
+    with pytest.raises(jsonschema.ValidationError, match="maxRestart"):
+        validate(typo)
+    mistyped = copy.deepcopy(job)
+    mistyped["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(mistyped)
+
+
+# ------------------------------------------------------------------------------------------------
+# Semantics: what the manifests promise matches what distrib does
+
+
+def test_pod_failure_policy_uses_distribs_exit_codes_with_restart_policy_never() -> None:
+    jobs = [(o, d) for o, d in workloads() if d["kind"] == "Job"]
+    assert {o for o, _ in jobs} == {"s3", "pvc"}
+    for overlay, job in jobs:
+        spec, pod = job["spec"], job["spec"]["template"]["spec"]
+        assert spec["completionMode"] == "Indexed", overlay
+        assert spec["podReplacementPolicy"] == "Failed", overlay  # a rank never runs twice
+        assert "podFailurePolicy" in spec and pod["restartPolicy"] == "Never", overlay
+        rules = {(r["action"], tuple(r.get("onExitCodes", {}).get("values", ())),
+                  tuple(c["type"] for c in r.get("onPodConditions", ())))
+                 for r in spec["podFailurePolicy"]["rules"]}
+        assert rules == {("Ignore", (), ("DisruptionTarget",)),
+                         ("Ignore", (exitcodes.PREEMPTED,), ()),
+                         ("FailJob", (exitcodes.PERMANENT,), ())}, overlay
+        names = {c["name"] for c in pod["containers"]}
+        for rule in spec["podFailurePolicy"]["rules"]:
+            if "onExitCodes" in rule:
+                assert rule["onExitCodes"]["containerName"] in names, overlay
+
+
+def test_grace_period_exceeds_torchruns_shutdown_timeout_which_exceeds_the_save() -> None:
+    from distrib.preemption import shutdown_budget_problems
+
+    for overlay, doc in workloads():
+        for template in pod_templates(doc):
+            pod = template["spec"]
+            grace = pod["terminationGracePeriodSeconds"]
+            for container in pod["containers"]:
+                env = env_of(container)
+                shutdown = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+                assert int(env["DISTRIB_GRACE_PERIOD_SECONDS"]) == grace, overlay
+                assert shutdown < grace, overlay
+                # the trainer's own check agrees: no warning for a 30 s emergency save...
+                os.environ.update(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(shutdown),
+                                  DISTRIB_GRACE_PERIOD_SECONDS=str(grace))
+                try:
+                    assert shutdown_budget_problems(shutdown / 2) == [], overlay
+                    assert shutdown_budget_problems(shutdown) != [], overlay  # ...but for a slow one
+                finally:
+                    del os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
+                    del os.environ["DISTRIB_GRACE_PERIOD_SECONDS"]
+
+
+def test_every_container_runs_distrib_train_through_the_launcher() -> None:
+    seen = 0
+    for overlay, doc in workloads():
+        for template in pod_templates(doc):
+            for container in template["spec"]["containers"]:
+                argv = argv_of(container)
+                assert argv[:3] == ["python", "-m", "distrib.launch"], overlay
+                i = argv.index("-m", 3)
+                assert argv[i:i + 2] == ["-m", "distrib.train"], overlay
+                assert "--config=/etc/distrib/run.toml" in argv[i + 2:], overlay
+                assert "--checkpoint-dir=$(CHECKPOINT_DIR)" in argv[i + 2:], overlay
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                assert "/etc/distrib" in mounts and "/dev/shm" in mounts, overlay
+                seen += 1
+    assert seen == len(OVERLAYS)
 
 
 def test_rendezvous_endpoint_names_pod_zero_of_the_job_through_the_headless_service() -> None:
-    objects = _objects()
-    job, service = objects["Job"], objects["Service"]
+    for overlay in ("s3", "pvc"):
+        docs = rendered(overlay)
+        job, service = find(docs, "Job"), find(docs, "Service")
+        pod = job["spec"]["template"]["spec"]
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+        assert pod["subdomain"] == service["metadata"]["name"]
+        args = argv_of(pod["containers"][0])
+        endpoint = next(a.split("=", 1)[1] for a in args if a.startswith("--rdzv-endpoint="))
+        host, port = endpoint.rsplit(":", 1)
+        assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+        assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+        assert "--rdzv-backend=c10d" in args and "--node_rank=$(JOB_COMPLETION_INDEX)" in args
+
+
+def test_node_and_gpu_counts_agree() -> None:
+    for overlay, doc in workloads():
+        if doc["kind"] == "Job":
+            container = doc["spec"]["template"]["spec"]["containers"][0]
+            env = env_of(container)
+            assert doc["spec"]["completions"] == doc["spec"]["parallelism"] == int(env["NNODES"])
+            nproc = env["NPROC_PER_NODE"]
+        else:
+            elastic = doc["spec"]["elasticPolicy"]
+            replicas = doc["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"]
+            assert elastic["minReplicas"] <= replicas <= elastic["maxReplicas"]
+            assert elastic["rdzvBackend"] == "c10d" and elastic["maxRestarts"] > 0
+            container = doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"][
+                "containers"][0]
+            assert container["name"] == "pytorch"  # the training operator requires this name
+            nproc = doc["spec"]["nprocPerNode"]
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+        if gpus is not None:
+            assert int(gpus) == int(nproc), overlay
+
+
+def test_configuration_storage_credentials_and_security() -> None:
+    dockerfile = (K8S / "Dockerfile").read_text()
+    image_uid = int(re.search(r"^USER (\d+)", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    for overlay, doc in workloads():
+        docs = rendered(overlay)
+        config = find(docs, "ConfigMap", "distrib-train-config")["data"]["run.toml"]
+        Config.from_dict(tomllib.loads(config), source="run.toml")  # a valid distrib config
+        checkpoint_dir = find(docs, "ConfigMap", "distrib-train-env")["data"]["CHECKPOINT_DIR"]
+        assert not any(d["kind"] == "Secret" for d in docs), "never apply placeholder credentials"
+        for template in pod_templates(doc):
+            pod = template["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["runAsUser"] == image_uid
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            container = pod["containers"][0]
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+            assert "memory" in container["resources"]["limits"]
+            env_from = [next(iter(e.values()))["name"] for e in container["envFrom"]]
+            if checkpoint_dir.startswith("s3://"):
+                assert "distrib-s3" in env_from, overlay
+            else:
+                mount = next(m for m in mounts if checkpoint_dir.startswith(m + "/"))
+                claim = volumes[mounts[mount]]["persistentVolumeClaim"]["claimName"]
+                pvc = find(docs, "PersistentVolumeClaim", claim)
+                assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every rank reads it
+    secret = yaml.safe_load((K8S / "overlays" / "s3" / "secret.example.yaml").read_text())
+    assert {v for k, v in secret["stringData"].items() if "SECRET" in k or "KEY_ID" in k} == {
+        "REPLACE-ME"}
+    assert "AWS_ENDPOINT_URL" in secret["stringData"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The image
+
+
+def test_dockerfile_pins_torch_first_and_its_build_context_makes_a_working_wheel(
+        tmp_path: Path) -> None:
+    dockerfile = (K8S / "Dockerfile").read_text()
+    runs = re.findall(r"^RUN (.+)$", dockerfile, re.M)
+    torch_at = next(i for i, r in enumerate(runs) if '"torch==${TORCH_VERSION}"' in r)
+    package_at = next(i for i, r in enumerate(runs) if 'pip install ".[s3]"' in r)
+    assert torch_at < package_at
+    # Build a wheel from exactly what the Dockerfile copies and .dockerignore lets through.
+    copied = [p for line in re.findall(r"^COPY (.+)$", dockerfile, re.M)
+              for p in line.split()[:-1]]
+    allowed = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    context = tmp_path / "context"
+    for name in copied:
+        assert name in allowed, f"{name} is copied but excluded by .dockerignore"
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, context / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            context.mkdir(exist_ok=True)
+            shutil.copy(src, context / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                           "--wheel-dir", str(tmp_path / "wheel"), str(context)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("distrib-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"distrib/launch.py", "distrib/train.py", "distrib/tasks/classifier.py"} <= names
+
+
+# ------------------------------------------------------------------------------------------------
+# The Indexed Job's own command, run as two local "pods"
+
+
+def k8s_expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion in command and args (``$$`` escapes a ``$``)."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+class Pod:
+    """One pod of the Indexed Job as a local process group: the container's command and
+    environment with JOB_COMPLETION_INDEX set, pod 0's DNS name replaced by 127.0.0.1, and the
+    ConfigMap volume replaced by a local directory."""
+
+    def __init__(self, index: int, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log.open("a"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        """A node lost: SIGKILL the launcher, torchrun and the workers (their own groups)."""
+        pids = [self.proc.pid]
+        for _ in range(3):
+            found = subprocess.run(["pgrep", "-P", ",".join(map(str, pids))],
+                                   capture_output=True, text=True).stdout.split()
+            pids = list(dict.fromkeys(pids + [int(p) for p in found]))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+
+@pytest.mark.slow
+def test_the_indexed_jobs_command_runs_as_two_local_pods_and_survives_losing_one(
+        tmp_path: Path, moto_endpoint: str) -> None:
+    from .s3servers import make_bucket, s3_env
+
+    docs = rendered("s3")
+    job = find(docs, "Job")
     pod = job["spec"]["template"]["spec"]
-    assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
-    assert pod["subdomain"] == service["metadata"]["name"]
     container = pod["containers"][0]
-    args = container["command"] + container["args"]
-    endpoint = next(a.split("=", 1)[1] for a in args if a.startswith("--rdzv-endpoint="))
-    assert endpoint == f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
-    assert args[args.index("-m", 2):][:2] == ["-m", "distrib.train"]
-    assert "--rdzv-backend=c10d" in args and "--node_rank=$(JOB_COMPLETION_INDEX)" in args
+    service = find(docs, "Service")
+    config_maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
 
+    # What Kubernetes would give the container: envFrom (the ConfigMap; the Secret is the
+    # example's keys pointed at the loopback S3 server), then env, then JOB_COMPLETION_INDEX.
+    secret_keys = set(yaml.safe_load((K8S / "overlays" / "s3" / "secret.example.yaml")
+                                     .read_text())["stringData"])
+    pod_env: dict[str, str] = {}
+    for source in container["envFrom"]:
+        if "configMapRef" in source:
+            pod_env.update(config_maps[source["configMapRef"]["name"]])
+        else:
+            values = s3_env(moto_endpoint)
+            assert secret_keys <= set(values)
+            pod_env.update({k: values[k] for k in secret_keys})
+    pod_env.update(env_of(container))
+    bucket = pod_env["CHECKPOINT_DIR"].removeprefix("s3://").split("/")[0]
+    make_bucket(moto_endpoint, bucket)
 
-def test_config_map_is_a_valid_distrib_config_and_the_secret_holds_placeholders() -> None:
-    objects = _objects()
-    config = Config.from_dict(tomllib.loads(objects["ConfigMap"]["data"]["run.toml"]))
-    assert config.ckpt.checkpoint_dir.startswith("s3://")
-    secret = objects["Secret"]["stringData"]
-    assert secret["AWS_SECRET_ACCESS_KEY"] == "REPLACE-ME"
-    pod = objects["Job"]["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
-    assert shm["emptyDir"]["medium"] == "Memory"
+    etc = tmp_path / "etc-distrib"  # the ConfigMap volume
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    config_name = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
+    etc.mkdir()
+    for key, value in config_maps[config_name].items():
+        (etc / key).write_text(value)
+
+    rendezvous = f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
+    local = f"127.0.0.1:{free_port()}"
+    train = ["--task", "tests.tasks:tiny", "--task-arg", "train=8000", "--task-arg",
+             "dropout=0.1", "--max-epochs", "2", "--no-early-stop", "--batch-size", "16",
+             "--save-every-steps", "50", "--log-every-steps", "0"]
+
+    def start(index: int) -> Pod:
+        env = base_env(**pod_env, JOB_COMPLETION_INDEX=str(index))
+        env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the launcher must set it itself
+        argv = [k8s_expand(a, env) for a in argv_of(container)]
+        argv = [sys.executable if a == "python" else
+                a.replace(rendezvous, local).replace(mount["mountPath"], str(etc)) for a in argv]
+        assert "$(" not in " ".join(argv), argv
+        return Pod(index, argv + train, env, tmp_path / f"pod-{index}.log")
+
+    pods = [start(0)]
+    time.sleep(1.0)  # pod 0 first: its agent hosts the c10d rendezvous store, as in the cluster
+    pods.append(start(1))
+    deadline = time.monotonic() + 120
+    while FIRST_STEP not in pods[0].text() + pods[1].text():
+        assert time.monotonic() < deadline, pods[0].text()[-3000:] + pods[1].text()[-3000:]
+        assert all(p.proc.poll() is None for p in pods), pods[1].text()[-3000:]
+        time.sleep(0.1)
+    time.sleep(1.5)
+    pods[1].kill()  # the node under pod 1 is gone...
+    time.sleep(1.0)
+    pods[1] = start(1)  # ...and the Job controller starts a replacement with the same index
+    for p in pods:
+        assert p.proc.wait(timeout=240) == exitcodes.OK, p.text()[-4000:]
+    logs = pods[0].text() + pods[1].text()
+    assert "resumed from" in logs
+
+    from distrib.checkpoint import CheckpointStore
+    from distrib.storage import open_storage
+
+    os.environ.update(s3_env(moto_endpoint))
+    try:
+        from .s3servers import clear_s3fs_cache
+
+        clear_s3fs_cache()
+        store = CheckpointStore(open_storage(pod_env["CHECKPOINT_DIR"]))
+        final = store.scan()[-1]
+        assert store.completion() is not None  # the run is marked complete
+    finally:
+        for key in s3_env(moto_endpoint):
+            os.environ.pop(key, None)
+    assert final.step == 2 * 8000 // (2 * 16)  # 2 epochs, 2 ranks x 16 samples per step
+    assert final.manifest["world_size"] == 2 and final.manifest["final"] is True
