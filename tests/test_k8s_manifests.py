@@ -364,11 +364,9 @@ def k8s_expand(text: str, env: dict[str, str]) -> str:
 
 
 class Pod:
-    """One pod of the Indexed Job as a local process group: the container's command and
-    environment with JOB_COMPLETION_INDEX set, pod 0's DNS name replaced by 127.0.0.1, and the
-    ConfigMap volume replaced by a local directory."""
+    """One pod as a local process group, started from a workload's container spec."""
 
-    def __init__(self, index: int, argv: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log.open("a"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -391,86 +389,151 @@ class Pod:
         self.proc.wait()
 
 
+class LocalCluster:
+    """Runs a rendered overlay's pods as local processes, the way the kubelet would: envFrom (the
+    ConfigMaps; the Secret has the example's keys, pointed at the loopback S3 server), then env,
+    ``$(VAR)`` expanded in the command, the ConfigMap volume as a local directory, and the
+    ``hosts`` names (pod 0's DNS name) mapped to 127.0.0.1 and a free port. The bucket is a
+    fresh one on that server in place of the overlay's placeholder."""
+
+    TRAIN = ["--task", "tests.tasks:tiny", "--task-arg", "dropout=0.1", "--max-epochs", "2",
+             "--no-early-stop", "--batch-size", "16", "--save-every-steps", "50",
+             "--log-every-steps", "0"]
+
+    def __init__(self, overlay: str, tmp: Path, endpoint: str, hosts: list[str]) -> None:
+        from .s3servers import make_bucket, s3_env
+
+        self.docs = rendered(overlay)
+        self.tmp = tmp
+        self.workload = next(d for d in self.docs if pod_templates(d))
+        pod = pod_templates(self.workload)[0]["spec"]
+        self.container = pod["containers"][0]
+        config_maps = {d["metadata"]["name"]: d["data"] for d in self.docs
+                       if d["kind"] == "ConfigMap"}
+        secret_keys = set(yaml.safe_load((K8S / "overlays" / "s3" / "secret.example.yaml")
+                                         .read_text())["stringData"])
+        self.env: dict[str, str] = {}
+        for source in self.container["envFrom"]:
+            if "configMapRef" in source:
+                self.env.update(config_maps[source["configMapRef"]["name"]])
+            else:
+                values = s3_env(endpoint)
+                assert secret_keys <= set(values)
+                self.env.update({k: values[k] for k in secret_keys})
+        self.env.update(env_of(self.container))
+        bucket, path = self.env["CHECKPOINT_DIR"].removeprefix("s3://").split("/", 1)
+        assert bucket == "your-bucket", self.env["CHECKPOINT_DIR"]  # the overlay's placeholder
+        self.checkpoint_dir = self.env["CHECKPOINT_DIR"] = f"s3://{make_bucket(endpoint)}/{path}"
+        self.s3 = s3_env(endpoint)
+
+        self.etc = tmp / "etc-distrib"
+        self.mount = next(m for m in self.container["volumeMounts"] if m["name"] == "config")
+        volume = next(v for v in pod["volumes"] if v["name"] == "config")
+        self.etc.mkdir()
+        for key, value in config_maps[volume["configMap"]["name"]].items():
+            (self.etc / key).write_text(value)
+        port = free_port()
+        self.hosts = {h: f"127.0.0.1:{port}" for h in hosts}
+
+    # Test speed only: a lost pod drops out of the rendezvous after 3 s without a heartbeat
+    # (torchrun's default: 15 s), and an elastic group admits late pods 3 s after reaching its
+    # minimum (default: 30 s). torchrun reads PET_RDZV_CONF where --rdzv-conf is not given.
+    RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=3"
+
+    def start(self, name: str, train_samples: int, **extra_env: str) -> Pod:
+        env = base_env(**self.env, PET_RDZV_CONF=self.RDZV_CONF, **extra_env)
+        env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the launcher must set it itself
+        argv = [k8s_expand(a, env) for a in argv_of(self.container)]
+        assert "$(" not in " ".join(argv), argv
+        local = []
+        for arg in argv:
+            for host, address in self.hosts.items():
+                arg = arg.replace(host, address)
+            local.append(sys.executable if arg == "python" else
+                         arg.replace(self.mount["mountPath"], str(self.etc)))
+        train = [*self.TRAIN, "--task-arg", f"train={train_samples}"]
+        return Pod(local + train, env, self.tmp / f"{name}.log")
+
+    def rendezvous_address(self) -> str:
+        return next(iter(self.hosts.values()))
+
+    @staticmethod
+    def wait_first_step(pods: list[Pod], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(FIRST_STEP in p.text() for p in pods):
+            logs = "".join(p.text()[-3000:] for p in pods)
+            assert time.monotonic() < deadline, logs
+            assert all(p.proc.poll() is None for p in pods), logs
+            time.sleep(0.1)
+
+    def final_checkpoint(self) -> tuple[Any, dict[str, Any] | None]:
+        """The newest checkpoint's info and the run's completion marker."""
+        from distrib.checkpoint import CheckpointStore
+        from distrib.storage import open_storage
+
+        from .s3servers import clear_s3fs_cache
+
+        os.environ.update(self.s3)
+        try:
+            clear_s3fs_cache()
+            store = CheckpointStore(open_storage(self.checkpoint_dir))
+            return store.scan()[-1], store.completion()
+        finally:
+            for key in self.s3:
+                os.environ.pop(key, None)
+
+
 @pytest.mark.slow
 def test_the_indexed_jobs_command_runs_as_two_local_pods_and_survives_losing_one(
         tmp_path: Path, moto_endpoint: str) -> None:
-    from .s3servers import make_bucket, s3_env
-
+    """Two pods form one job; pod 1's node is lost and the Job controller starts a replacement
+    with the same index: the job resumes and completes, with both ranks."""
     docs = rendered("s3")
-    job = find(docs, "Job")
-    pod = job["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    service = find(docs, "Service")
-    config_maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
-
-    # What Kubernetes would give the container: envFrom (the ConfigMap; the Secret is the
-    # example's keys pointed at the loopback S3 server), then env, then JOB_COMPLETION_INDEX.
-    secret_keys = set(yaml.safe_load((K8S / "overlays" / "s3" / "secret.example.yaml")
-                                     .read_text())["stringData"])
-    pod_env: dict[str, str] = {}
-    for source in container["envFrom"]:
-        if "configMapRef" in source:
-            pod_env.update(config_maps[source["configMapRef"]["name"]])
-        else:
-            values = s3_env(moto_endpoint)
-            assert secret_keys <= set(values)
-            pod_env.update({k: values[k] for k in secret_keys})
-    pod_env.update(env_of(container))
-    bucket = pod_env["CHECKPOINT_DIR"].removeprefix("s3://").split("/")[0]
-    make_bucket(moto_endpoint, bucket)
-
-    etc = tmp_path / "etc-distrib"  # the ConfigMap volume
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
-    config_name = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
-    etc.mkdir()
-    for key, value in config_maps[config_name].items():
-        (etc / key).write_text(value)
-
-    rendezvous = f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
-    local = f"127.0.0.1:{free_port()}"
-    train = ["--task", "tests.tasks:tiny", "--task-arg", "train=8000", "--task-arg",
-             "dropout=0.1", "--max-epochs", "2", "--no-early-stop", "--batch-size", "16",
-             "--save-every-steps", "50", "--log-every-steps", "0"]
-
-    def start(index: int) -> Pod:
-        env = base_env(**pod_env, JOB_COMPLETION_INDEX=str(index))
-        env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the launcher must set it itself
-        argv = [k8s_expand(a, env) for a in argv_of(container)]
-        argv = [sys.executable if a == "python" else
-                a.replace(rendezvous, local).replace(mount["mountPath"], str(etc)) for a in argv]
-        assert "$(" not in " ".join(argv), argv
-        return Pod(index, argv + train, env, tmp_path / f"pod-{index}.log")
-
-    pods = [start(0)]
+    job, service = find(docs, "Job"), find(docs, "Service")
+    pod0 = f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
+    cluster = LocalCluster("s3", tmp_path, moto_endpoint, hosts=[pod0])
+    pods = [cluster.start("pod-0", 8000, JOB_COMPLETION_INDEX="0")]
     time.sleep(1.0)  # pod 0 first: its agent hosts the c10d rendezvous store, as in the cluster
-    pods.append(start(1))
-    deadline = time.monotonic() + 120
-    while FIRST_STEP not in pods[0].text() + pods[1].text():
-        assert time.monotonic() < deadline, pods[0].text()[-3000:] + pods[1].text()[-3000:]
-        assert all(p.proc.poll() is None for p in pods), pods[1].text()[-3000:]
-        time.sleep(0.1)
+    pods.append(cluster.start("pod-1", 8000, JOB_COMPLETION_INDEX="1"))
+    cluster.wait_first_step(pods)
     time.sleep(1.5)
     pods[1].kill()  # the node under pod 1 is gone...
     time.sleep(1.0)
-    pods[1] = start(1)  # ...and the Job controller starts a replacement with the same index
+    pods[1] = cluster.start("pod-1", 8000, JOB_COMPLETION_INDEX="1")  # ...and is replaced
     for p in pods:
         assert p.proc.wait(timeout=240) == exitcodes.OK, p.text()[-4000:]
-    logs = pods[0].text() + pods[1].text()
-    assert "resumed from" in logs
-
-    from distrib.checkpoint import CheckpointStore
-    from distrib.storage import open_storage
-
-    os.environ.update(s3_env(moto_endpoint))
-    try:
-        from .s3servers import clear_s3fs_cache
-
-        clear_s3fs_cache()
-        store = CheckpointStore(open_storage(pod_env["CHECKPOINT_DIR"]))
-        final = store.scan()[-1]
-        assert store.completion() is not None  # the run is marked complete
-    finally:
-        for key in s3_env(moto_endpoint):
-            os.environ.pop(key, None)
+    assert "resumed from" in pods[0].text() + pods[1].text()
+    final, complete = cluster.final_checkpoint()
+    assert complete is not None  # the run is marked complete
     assert final.step == 2 * 8000 // (2 * 16)  # 2 epochs, 2 ranks x 16 samples per step
     assert final.manifest["world_size"] == 2 and final.manifest["final"] is True
+
+
+@pytest.mark.slow
+def test_the_pytorchjobs_command_runs_elastically_on_the_operators_pet_variables(
+        tmp_path: Path, moto_endpoint: str) -> None:
+    """The PyTorchJob's container gets torchrun's options only from the PET_* variables the
+    training operator sets for an elasticPolicy. Two pods form the group; one is lost and not
+    replaced: the other re-forms the group alone (minReplicas 1) and completes."""
+    cluster = LocalCluster("pytorchjob", tmp_path, moto_endpoint, hosts=[])
+    spec = cluster.workload["spec"]
+    elastic = spec["elasticPolicy"]
+    operator_env = {  # what the training operator sets in every Worker pod (elastic mode)
+        "PET_NNODES": f"{elastic['minReplicas']}:{elastic['maxReplicas']}",
+        "PET_RDZV_BACKEND": elastic["rdzvBackend"],
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "PET_RDZV_ID": cluster.workload["metadata"]["name"],
+        "PET_MAX_RESTARTS": str(elastic["maxRestarts"]),
+        "PET_NPROC_PER_NODE": spec["nprocPerNode"],
+    }
+    pods = [cluster.start("worker-0", 8000, **operator_env)]
+    time.sleep(1.0)
+    pods.append(cluster.start("worker-1", 8000, **operator_env))
+    cluster.wait_first_step(pods)
+    time.sleep(1.0)
+    pods[1].kill()
+    assert pods[0].proc.wait(timeout=240) == exitcodes.OK, pods[0].text()[-4000:]
+    log = pods[0].text()
+    assert "resuming a 2-rank checkpoint with 1 ranks" in log and "resumed from" in log
+    final, complete = cluster.final_checkpoint()
+    assert complete is not None and final.manifest["world_size"] == 1
