@@ -106,6 +106,7 @@ def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Pa
     """Run the job to completion while killing ``kills`` workers; return what happened."""
     cmd = torchrun + ["-m", "distrib.train", *train_args, "--checkpoint-dir", str(ckpt)]
     done_kills, relaunches, replayed = 0, 0, []
+    log("+ " + " ".join(cmd))
     while True:
         job = Job(cmd, log_path)
         while done_kills < kills and job.proc.poll() is None:

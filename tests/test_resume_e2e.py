@@ -231,3 +231,4 @@ def test_chaos_script_with_five_kills(tmp_path: Path) -> None:
     result: dict[str, Any] = json.loads(out.read_text())
     assert result["identical"] is True and result["kills"] == 5
     assert "PASS" in proc.stdout
+    assert f"[chaos] + {sys.executable} -m torch.distributed.run --standalone" in proc.stdout
