@@ -368,9 +368,10 @@ def parse_segment(data: bytes) -> list[dict[str, Any]]:
 
 
 def read_segments(storage: Storage) -> list[list[dict[str, Any]]]:
-    """Every non-empty segment's records, oldest segment first."""
+    """Every non-empty segment's records, oldest segment first (by its first record's time;
+    names only break ties)."""
     out = [parse_segment(storage.read(name)) for name in segment_names(storage)]
-    return [records for records in out if records]
+    return sorted((records for records in out if records), key=lambda r: float(r[0]["time"]))
 
 
 @dataclass
