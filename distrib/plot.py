@@ -114,7 +114,7 @@ def _timeline(ax: Any, history: History) -> None:
     ok = [r for r in saves if not r.get("error")]
     if ok:
         ax.plot([t(r) for r in ok], [r["step"] for r in ok], "v", color=SAVE, ms=7,
-                label=f"checkpoint saved ({len(ok)})", ls="none", mec="white", mew=0.5)
+                label=f"checkpoint saved ({len(ok)})", ls="none", mec="white", mew=0.5, zorder=6)
     bad = [r for r in saves if r.get("error")]
     if bad:
         ax.plot([t(r) for r in bad], [r["step"] for r in bad], "x", color=STOP, ms=9, mew=2,
@@ -135,7 +135,7 @@ def _timeline(ax: Any, history: History) -> None:
             ax.plot([t(r)], [r["step"]], "X", color=STOP, ms=10, ls="none",
                     label=f"launch ended: {r['status']}{why}")
     ax.set_ylim(bottom=0)
-    ax.legend(frameon=False, fontsize=9, loc="lower right")
+    ax.legend(frameon=True, framealpha=0.9, edgecolor="none", fontsize=9, loc="upper left")
 
 
 def draw(history: History, summary: "Summary", out: str, title: str) -> tuple[int, int]:
