@@ -63,7 +63,7 @@ def test_worker_killed_records_one_history_with_a_resume_marker(tmp_path: Path) 
 
     first, second = raw_segments(ckpt / "logs")
     reached = max(r["step"] for r in first if r["kind"] == "step")  # what the killed run did
-    assert reached > resumed
+    assert reached >= resumed
     marker = next(r for r in second if r["kind"] == "resume")
     assert marker["step"] == resumed
     assert marker["steps_replayed"] == reached - resumed
