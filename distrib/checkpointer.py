@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -66,8 +66,13 @@ class Checkpointer:
 
     def __init__(self, store: CheckpointStore, *, rank: int, async_save: bool = True,
                  keep_last: int = 3, keep_best: int = 0, mode: str = "min",
-                 max_failed_saves: int = 3) -> None:
+                 max_failed_saves: int = 3,
+                 on_saved: Callable[[int, float, int, BaseException | None], None] | None = None
+                 ) -> None:
         self.store = store
+        #: rank 0, training thread: called with (step, seconds, bytes, error or None) once a
+        #: save is known to have committed or failed (the run records listen here)
+        self.on_saved = on_saved
         self.rank = rank
         self.async_save = async_save
         self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
@@ -169,6 +174,8 @@ class Checkpointer:
         step, seconds, nbytes, error = self._result
         self._result = None
         self.last_save_seconds = seconds
+        if self.on_saved is not None:
+            self.on_saved(step, seconds, nbytes, error)
         if error is None:
             self.failures = 0
             self.last_committed_step = step

@@ -253,11 +253,19 @@ class LogConfig:
                           fingerprint=False)
     log_level: str = _opt("info", "log level of rank 0 (other ranks log warnings and errors only)",
                           choices=LOG_LEVELS, fingerprint=False)
-    log_every_steps: int = _opt(50, "log the running train loss every N optimizer steps (0: off)",
-                                fingerprint=False)
+    log_every_steps: int = _opt(50, "log and record the running train loss every N optimizer "
+                                "steps (0: off)", fingerprint=False)
+    log_dir: str = _opt("", "where rank 0 writes the run records (JSON lines): a local path or an "
+                        "fsspec URL; empty: <checkpoint-dir>/logs", metavar="URL",
+                        fingerprint=False)
+    tensorboard: bool = _opt(False, "also write the records as TensorBoard event files in "
+                             "<log-dir>/tensorboard (needs the tensorboard extra)",
+                             fingerprint=False)
 
     def __post_init__(self) -> None:
         _choice("log_level", self.log_level, LOG_LEVELS)
+        if self.log_dir != self.log_dir.strip():
+            _fail("log_dir", f"must not start or end with spaces (got {self.log_dir!r})")
         _positive("log_every_steps", self.log_every_steps, allow_zero=True)
 
 

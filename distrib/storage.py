@@ -81,6 +81,8 @@ class Storage:
     url: str
     #: whether :meth:`rename_dir` exists (atomic directory commit) or commits are create-only
     supports_rename: bool
+    #: whether :meth:`append` exists (object stores cannot append: rewrite the file instead)
+    supports_append = False
 
     def list(self, rel: str = "") -> list[str]:
         """Names of the direct children of ``rel`` (files and directories); [] if it is absent."""
@@ -118,6 +120,11 @@ class Storage:
         """Create file ``rel`` only if it does not exist; FileExistsError if another writer won."""
         raise NotImplementedError
 
+    def append(self, rel: str, data: bytes) -> None:
+        """Append ``data`` to file ``rel`` (created if absent), without fsync: it survives the
+        process being killed, not the machine failing. Only where :attr:`supports_append`."""
+        raise NotImplementedError(f"{self.url} cannot append")
+
     def delete(self, rel: str) -> None:
         """Delete file ``rel``; missing is fine."""
         raise NotImplementedError
@@ -144,6 +151,7 @@ class LocalStorage(Storage):
     """A directory on a local (or network-mounted POSIX) file system."""
 
     supports_rename = True
+    supports_append = True
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
@@ -192,6 +200,12 @@ class LocalStorage(Storage):
 
     def write_new(self, rel: str, data: bytes) -> None:
         self._write(rel, [data], "xb")
+
+    def append(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab") as fh:
+            fh.write(data)
 
     def _write(self, rel: str, chunks: Sequence[Buffer], mode: str) -> None:
         path = self._path(rel)

@@ -1,14 +1,16 @@
 """``python -m distrib.train`` (and ``torchrun ... -m distrib.train``): the training command.
 
 Everything the user can get wrong is checked before the process group exists and before anything
-is written: flags and the config file (argparse, :mod:`distrib.config`), the checkpoint URL's scheme,
-the task import, the task's own option checks and the monitored metric. Each problem is one line on
-stderr and exit code 2 (:data:`distrib.exitcodes.PERMANENT`).
+is written: flags and the config file (argparse, :mod:`distrib.config`), the schemes of the
+checkpoint and log URLs, the tensorboard package for ``--tensorboard``, the task import, the
+task's own option checks and the monitored metric. Each problem is one line on stderr and exit
+code 2 (:data:`distrib.exitcodes.PERMANENT`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -36,13 +38,16 @@ def prepare(argv: Sequence[str] | None) -> tuple[Config, "object", bool]:
     from distrib.tasks import build_task
 
     for flag, url in (("--checkpoint-dir", config.ckpt.checkpoint_dir),
-                      ("--resume", config.ckpt.resume)):
-        if flag == "--resume" and url in ("auto", "never"):
+                      ("--resume", config.ckpt.resume), ("--log-dir", config.log.log_dir)):
+        if (flag, url) in (("--resume", "auto"), ("--resume", "never"), ("--log-dir", "")):
             continue
         try:
             check_url(url)
         except ValueError as exc:
             raise ConfigError(f"{flag}: {exc}") from None
+    if config.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard: the tensorboard package is not installed "
+                          "(pip install 'distrib[tensorboard]')")
     task = build_task(config)
     from distrib.trainer import Trainer
 

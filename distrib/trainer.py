@@ -32,6 +32,7 @@ from distrib import exitcodes
 from distrib.optim import build_optimizer, build_scheduler, current_lr
 from distrib.preemption import (Preempted, PreemptionHandler, shutdown_budget_problems,
                                  torchrun_env_problem)
+from distrib.records import RunRecords, default_log_dir
 from distrib.sampler import ResumableSampler
 from distrib.state import capture_rng, derive_seed, restore_rng, seed_everything, seed_worker
 from distrib.storage import open_storage, parse_options
@@ -117,6 +118,8 @@ class Trainer:
         self.last_metric: float | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._loss_count = 0
+        self._grad_norm: torch.Tensor | None = None
+        self.records = RunRecords()  # disabled until _fit opens them (rank 0)
 
     # ================================================================== set-up
 
@@ -138,6 +141,10 @@ class Trainer:
         except Preempted:
             graceful = True  # every rank raises it together, after a barrier
             raise
+        except Exception as exc:  # local bookkeeping only, no collective
+            self.records.end("failed", step=self.global_step, epoch=self.epoch,
+                             message=f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             self.preemption.uninstall()
             if owns_group:
@@ -151,6 +158,7 @@ class Trainer:
         seed_everything(derive_seed(cfg.train.seed, "rank", self.info.rank))
         self._build_model(self.task)
         self._build_optim(self.task)
+        self.records = self._open_records()
         self.checkpointer = self._build_checkpointer()
         self.agreement = dist.LaggedAgreement(2)  # [a fatal save failure, a preemption notice]
         problems = [*shutdown_budget_problems(None), torchrun_env_problem()]
@@ -215,7 +223,16 @@ class Trainer:
                                 shard_bytes=int(c.shard_size_mb * 2**20))
         return Checkpointer(store, rank=dist.rank(), async_save=c.async_save,
                             keep_last=c.keep_last, keep_best=c.keep_best,
-                            mode=self.config.early_stop.mode, max_failed_saves=c.max_failed_saves)
+                            mode=self.config.early_stop.mode, max_failed_saves=c.max_failed_saves,
+                            on_saved=self.records.checkpoint)
+
+    def _open_records(self) -> RunRecords:
+        cfg = self.config
+        return RunRecords.open(default_log_dir(cfg.ckpt.checkpoint_dir, cfg.log.log_dir),
+                               self.storage_options, rank=dist.rank(),
+                               tensorboard=cfg.log.tensorboard,
+                               samples_per_step=cfg.train.batch_size * dist.world_size()
+                               * cfg.train.grad_accum_steps)
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -240,6 +257,10 @@ class Trainer:
         if plan.kind == "resume":
             state, info = self.checkpointer.load(plan, loaded, self.storage_options)
             self._restore(state, info.manifest, f"{plan.root}/{plan.name}", plan.progress)
+        self.records.start(step=self.global_step, epoch=self.epoch,
+                           world_size=dist.world_size(), restart=c.force_restart,
+                           resumed_from=f"{plan.root}/{plan.name}" if plan.name else None,
+                           heartbeat=plan.progress)
         return None
 
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -378,7 +399,9 @@ class Trainer:
         if self.scaler is not None and (t.clip_grad_norm or t.clip_grad_value):
             self.scaler.unscale_(self.optimizer)
         if t.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+        elif self.records.enabled and self._logged(self.global_step + 1):
+            self._grad_norm = self._total_grad_norm(params, unscaled=bool(t.clip_grad_value))
         if t.clip_grad_value:
             torch.nn.utils.clip_grad_value_(params, t.clip_grad_value)
         if self.scaler is not None:
@@ -391,6 +414,16 @@ class Trainer:
             self.scheduler.step()
         self.global_step += 1
 
+    def _logged(self, step: int) -> bool:
+        every = self.config.log.log_every_steps
+        return bool(every) and step % every == 0
+
+    def _total_grad_norm(self, params: list[torch.nn.Parameter], unscaled: bool) -> torch.Tensor:
+        """The global gradient norm (gradients are already all-reduced), for the records."""
+        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params]  # type: ignore[union-attr]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        return norm / self.scaler.get_scale() if self.scaler is not None and not unscaled else norm
+
     def _running_loss(self) -> float:
         return float(self._loss_sum) / max(1, self._loss_count)
 
@@ -399,10 +432,12 @@ class Trainer:
         cfg = self.config
         for cb in self.callbacks:
             cb.on_step_end(self)
-        every = cfg.log.log_every_steps
-        if every and self.global_step % every == 0:
+        if self._logged(self.global_step):
             log.info("step %d | epoch %d | loss %.4f | lr %.3g", self.global_step, self.epoch + 1,
                      self._running_loss(), current_lr(self.optimizer))
+            norm, self._grad_norm = self._grad_norm, None
+            self.records.step(self.global_step, self.epoch, self._running_loss(),
+                              current_lr(self.optimizer), None if norm is None else float(norm))
         if self._first_step_at is None:
             self._first_step_at = time.perf_counter() - self._fit_started
             log.info("first optimizer step done %.2fs after start-up began", self._first_step_at)
@@ -451,6 +486,7 @@ class Trainer:
         if dist.any_rank(not self.checkpointer.committed(self.global_step)):
             raise SaveFailedError("the emergency checkpoint could not be written")
         self.checkpointer.note_progress(self.global_step, self.epoch, reason="preempted")
+        self.records.end("preempted", step=self.global_step, epoch=self.epoch, reason=name)
         if dist.rank() == 0:
             log.warning("emergency checkpoint committed in %.1fs; exiting with code %d "
                         "(preempted)", time.perf_counter() - started, exitcodes.PREEMPTED)
@@ -476,6 +512,7 @@ class Trainer:
         metrics["samples_per_s"] = samples / seconds if seconds > 0 else 0.0
         stop = self._decide(metrics)
         self._log_epoch(metrics)
+        self.records.epoch(metrics, self.early_stopping)
         self.history.append(metrics)
         for cb in self.callbacks:
             cb.on_epoch_end(self, metrics)
@@ -606,6 +643,8 @@ class Trainer:
                 "step": self.global_step, "epoch": self.epoch, "reason": self.stop_reason})
         log.info("training finished after %d epochs, %d steps: %s%s", self.epoch,
                  self.global_step, self.stop_message, note)
+        self.records.end("finished", step=self.global_step, epoch=self.epoch,
+                         reason=self.stop_reason, message=self.stop_message + note)
         result = FitResult(self.stop_reason or "max_epochs", self.epoch, self.global_step,
                            self.history, self.stop_message + note, es.best_epoch,
                            None if es.best_epoch is None else es.best, self.module)
