@@ -11,7 +11,8 @@ import tempfile
 import time
 from typing import Any, Callable, NoReturn, Sequence
 
-from distrib.bench.core import Figure, Settings, environment, markdown_table, text_table
+from distrib.bench.core import (Figure, Settings, environment, figure, markdown_table,
+                                 text_table)
 
 ALL = tuple(range(1, 10))
 
@@ -74,30 +75,38 @@ def run(chosen: Sequence[int], settings: Settings,
     from distrib.bench import jobs, local, s3
 
     figures: list[Figure] = []
+    state: list[local.TrainingState] = []
 
-    def add(*new: Figure) -> None:
+    def shared_state() -> local.TrainingState:  # figures 1-3 save the same state
+        if not state:
+            state.append(local.TrainingState(int(settings.size_mb * 2**20)))
+        return state[0]
+
+    groups: list[tuple[tuple[int, ...], Callable[[], list[Figure]]]] = [
+        ((1, 2), lambda: local.figures_1_2(settings, shared_state())),
+        ((3,), lambda: [local.figure_3(settings, shared_state())]),
+        ((4,), lambda: [jobs.figure_4(settings)]),
+        ((5, 9), lambda: jobs.figures_5_9(settings)),
+        ((6,), lambda: [jobs.figure_6(settings)]),
+        ((7,), lambda: [s3.figure_7(settings)]),
+        ((8,), lambda: [local.figure_8(settings)]),
+    ]
+    for numbers, measure in groups:
+        if not set(numbers) & set(chosen):
+            continue
+        if 3 < min(numbers):
+            state.clear()  # free the shared state's memory for the rest
+        try:
+            new = measure()
+        except Exception as exc:  # one broken figure must not lose the others' results
+            first = (str(exc).strip().splitlines() or [""])[0]
+            problem = f"error: {type(exc).__name__}: {first}"
+            print(f"figures {numbers}: {problem}", file=sys.stderr)
+            new = [figure(n, [], problem=problem) for n in numbers]
         for f in new:
             if f.number in chosen:
                 figures.append(f)
                 report(f)
-
-    if {1, 2, 3} & set(chosen):
-        state = local.TrainingState(int(settings.size_mb * 2**20))
-        if {1, 2} & set(chosen):
-            add(*local.figures_1_2(settings, state))
-        if 3 in chosen:
-            add(local.figure_3(settings, state))
-        del state
-    if 4 in chosen:
-        add(jobs.figure_4(settings))
-    if {5, 9} & set(chosen):
-        add(*jobs.figures_5_9(settings))
-    if 6 in chosen:
-        add(jobs.figure_6(settings))
-    if 7 in chosen:
-        add(s3.figure_7(settings))
-    if 8 in chosen:
-        add(local.figure_8(settings))
     return sorted(figures, key=lambda f: f.number)
 
 

@@ -20,6 +20,19 @@ import torch
 
 MB = 1 << 20
 
+#: the title and goal of each figure, and the goal it is held against
+GOALS: dict[int, tuple[str, str, float]] = {
+    1: ("sync save / raw fsync'd write, throughput", ">=", 0.90),
+    2: ("sync save / torch.save + fsync, throughput", ">=", 1.0),
+    3: ("async save training-thread stall / sync save time", "<=", 0.05),
+    4: ("training throughput, async checkpoints / none", ">=", 0.95),
+    5: ("distrib step time / hand-written DDP loop step time", "<=", 1.02),
+    6: ("relaunch to first step, resuming / fresh start + raw read", "<=", 1.2),
+    7: ("S3 checkpoint upload / s3fs put_file, throughput", ">=", 0.9),
+    8: ("save time vs size: fitted exponent", "<=", 1.1),
+    9: ("early-stop + preemption agreement time / epoch time", "<=", 0.01),
+}
+
 
 @dataclass
 class Settings:
@@ -56,10 +69,18 @@ class Figure:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(ratio=self.median, min=min(self.ratios, default=math.nan),
+        out.update(ratio=self.median, median=self.median, min=min(self.ratios, default=math.nan),
                    max=max(self.ratios, default=math.nan), goal=f"{self.goal_op} {self.goal}",
                    goal_value=self.goal, **{"pass": self.passed})
         return out
+
+
+def figure(number: int, ratios: list[float], sizes: dict[str, Any] | None = None,
+           details: dict[str, Any] | None = None, note: str = "", problem: str = "") -> Figure:
+    """Figure ``number`` with its title (plus ``note``) and goal from :data:`GOALS`."""
+    title, op, goal = GOALS[number]
+    return Figure(number, f"{title} ({note})" if note else title, op, goal, ratios, sizes or {},
+                  details or {}, problem)
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distrib.bench.core import MB, Figure, Settings, fsync_write, interleave, timed
+from distrib.bench.core import MB, Figure, Settings, figure, fsync_write, interleave, timed
 from distrib.checkpoint import CheckpointStore
 from distrib.checkpointer import Checkpointer
 from distrib.storage import LocalStorage
@@ -130,10 +130,9 @@ def figures_1_2(settings: Settings, state: TrainingState) -> list[Figure]:
                                                     torch_save_side(root, state)])
     sizes = {"state_mb": round(saver.bytes / MB, 1), "layers": state.layers, "width": state.width}
     times = {"save_s": ours, "raw_write_s": plain, "torch_save_s": tsave}
-    f1 = Figure(1, f"sync save / raw fsync'd write ({sizes['state_mb']:.0f} MB), throughput",
-                ">=", 0.90, [p / o for o, p in zip(ours, plain)], sizes, times)
-    f2 = Figure(2, "sync save / torch.save + fsync, throughput", ">=", 1.0,
-                [t / o for o, t in zip(ours, tsave)], sizes, times)
+    note = f"{sizes['state_mb']:.0f} MB"
+    f1 = figure(1, [p / o for o, p in zip(ours, plain)], sizes, times, note)
+    f2 = figure(2, [t / o for o, t in zip(ours, tsave)], sizes, times, note)
     shutil.rmtree(root, ignore_errors=True)
     return [f1, f2]
 
@@ -163,8 +162,7 @@ def figure_3(settings: Settings, state: TrainingState) -> Figure:
 
     stalls, syncs = interleave(settings.reps, [stall, blocking])
     shutil.rmtree(root, ignore_errors=True)
-    return Figure(3, "async save training-thread stall / sync save time", "<=", 0.05,
-                  [s / t for s, t in zip(stalls, syncs)],
+    return figure(3, [s / t for s, t in zip(stalls, syncs)],
                   {"state_mb": round(state.nbytes() / MB, 1)},
                   {"stall_s": stalls, "sync_save_s": syncs, **parts})
 
@@ -186,6 +184,6 @@ def figure_8(settings: Settings) -> Figure:
                          / sum((x - mx) ** 2 for x in xs))
     shutil.rmtree(root, ignore_errors=True)
     mbs = [round(s.nbytes() / MB) for s in states]
-    return Figure(8, f"save time vs size {'/'.join(map(str, mbs))} MB: fitted exponent", "<=",
-                  1.1, exponents, {"sizes_mb": mbs},
-                  {f"save_s_{mb}mb": col for mb, col in zip(mbs, columns)})
+    return figure(8, exponents, {"sizes_mb": mbs},
+                  {f"save_s_{mb}mb": col for mb, col in zip(mbs, columns)},
+                  f"{'/'.join(map(str, mbs))} MB")

@@ -8,6 +8,7 @@ number of bytes to the same server; the baselines upload one file from local dis
 from __future__ import annotations
 
 import os
+import statistics
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import time
 import uuid
 from typing import Any
 
-from distrib.bench.core import MB, Figure, Settings, fsync_write, interleave, timed
+from distrib.bench.core import MB, Figure, Settings, figure, fsync_write, interleave, timed
 from distrib.bench.local import TrainingState
 from distrib.checkpoint import CheckpointStore
 from distrib.storage import open_storage
@@ -116,11 +117,12 @@ def _measure(settings: Settings, state: TrainingState, server: LoopbackS3) -> Fi
 
     mine, s3fs_s, boto_s = interleave(settings.reps, [ours, put_file, upload_file])
     os.remove(local)
-    return Figure(7, f"S3 checkpoint upload / s3fs put_file ({nbytes / MB:.0f} MB), throughput",
-                  ">=", 0.9, [p / o for o, p in zip(mine, s3fs_s)],
+    return figure(7, [p / o for o, p in zip(mine, s3fs_s)],
                   {"checkpoint_mb": round(nbytes / MB, 1), "server": "moto (loopback)"},
                   {"ours_s": mine, "s3fs_put_file_s": s3fs_s, "boto3_upload_file_s": boto_s,
-                   "vs_boto3_upload_file": [b / o for o, b in zip(mine, boto_s)]})
+                   "vs_boto3_upload_file": [b / o for o, b in zip(mine, boto_s)]},
+                  f"{nbytes / MB:.0f} MB; vs boto3 upload_file "
+                  f"{statistics.median(b / o for o, b in zip(mine, boto_s)):.2f}")
 
 
 def _checkpoint_bytes(store: CheckpointStore, state: TrainingState) -> int:
