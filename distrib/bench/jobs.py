@@ -108,9 +108,7 @@ class Launch:
                     self.seconds = time.perf_counter() - started
                     break
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_job(proc)
             reader.join(10)
         if math.isnan(self.seconds):
             raise RuntimeError("the training job never reached its first step:\n"
@@ -122,6 +120,39 @@ class Launch:
         for line in proc.stdout:
             lines.put(line)
         lines.put(None)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _kill_job(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL torchrun and its workers (which torchrun starts in sessions of their own), and
+    wait until they are gone, so that nothing writes into the scratch folder afterwards."""
+    pids = [proc.pid, *(c for w in _children(proc.pid) for c in (w, *_children(w)))]
+    for pid in reversed(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and
+                                              _state(p) != "Z" for p in pids[1:]):
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
 
 
 def raw_read(paths: list[str]) -> None:
