@@ -8,6 +8,7 @@ exactly what a save is compared with.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -17,21 +18,17 @@ import torch
 from torch import nn
 
 from distrib.bench.core import MB, Figure, Settings, figure, fsync_write, interleave, timed
+from distrib.bench.tasks import layer_plan
 from distrib.checkpoint import CheckpointStore
 from distrib.checkpointer import Checkpointer
 from distrib.storage import LocalStorage
-
-WIDTH = 2048
-
 
 class TrainingState:
     """A model of ``Linear(w, w)`` layers and an Adam optimizer that has taken one step, sized so
     that model + optimizer state is at least ``nbytes``."""
 
     def __init__(self, nbytes: int) -> None:
-        per_layer = lambda w: 3 * 4 * (w * w + w)  # noqa: E731  weights, exp_avg, exp_avg_sq
-        width = WIDTH if nbytes >= 4 * per_layer(WIDTH) else max(8, math.isqrt(nbytes // 48))
-        layers = max(1, math.ceil(nbytes / per_layer(width)))
+        width, layers = layer_plan(nbytes)
         torch.manual_seed(0)
         self.model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
@@ -93,8 +90,8 @@ def _sub(settings: Settings, name: str) -> str:
 
 def raw_write_side(root: str, nbytes: int) -> tuple[Any, Any]:
     """The raw baseline of figure 1: ``nbytes`` from one buffer to one new file, fsync'd."""
-    data = torch.ones(nbytes, dtype=torch.uint8)  # touched, so no page faults are timed
-    view = memoryview(data.numpy()).cast("B")
+    data = bytearray(b"\x01") * nbytes  # written to, so no page faults are timed
+    view = memoryview(data)
     path = os.path.join(root, "raw.bin")
 
     def side() -> float:
@@ -174,7 +171,7 @@ def figure_8(settings: Settings) -> Figure:
     root = _sub(settings, "scale")
     saver = Saver(root, async_save=False)
     saver.save(states[0])  # warm-up
-    columns = interleave(settings.reps, [lambda s=s: saver.save(s) for s in states])
+    columns = interleave(settings.reps, [functools.partial(saver.save, s) for s in states])
     xs = [math.log(s.nbytes()) for s in states]
     exponents = []
     for rep in range(settings.reps):

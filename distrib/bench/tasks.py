@@ -41,11 +41,18 @@ def mlp(config: Config) -> Task:
                 loss_fn=nn.CrossEntropyLoss())
 
 
+def layer_plan(nbytes: int, widest: int = 2048) -> tuple[int, int]:
+    """(width, count) of square float32 ``Linear`` layers whose parameters plus Adam state (three
+    copies) hold at least ``nbytes``: ``widest`` wide, narrower for small sizes."""
+    def per_layer(w: int) -> int:
+        return 3 * 4 * (w * w + w)  # weight + bias; param, exp_avg, exp_avg_sq
+    width = widest if nbytes >= 4 * per_layer(widest) else max(8, math.isqrt(nbytes // 48))
+    return width, max(1, -(-nbytes // per_layer(width)))
+
+
 def state_args(nbytes: int) -> list[str]:
-    """``--task-arg`` flags for an ``mlp`` whose parameters plus Adam state hold >= ``nbytes``
-    (layers 2048 wide; narrower for small sizes)."""
-    per_layer = lambda w: 3 * 4 * (w * w + w)  # noqa: E731  weights, exp_avg, exp_avg_sq
-    width = 2048 if nbytes >= 4 * per_layer(2048) else max(8, math.isqrt(nbytes // 48))
-    depth = max(0, -(-nbytes // per_layer(width)) - 1)  # the input layer is the first one
+    """``--task-arg`` flags for an ``mlp`` whose parameters plus Adam state hold >= ``nbytes``."""
+    width, layers = layer_plan(nbytes)
+    depth = layers - 1  # the input layer is the first one
     return ["--task-arg", f"features={width}", "--task-arg", f"hidden={width}",
             "--task-arg", f"depth={depth}", "--task-arg", "samples=4096"]

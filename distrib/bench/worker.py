@@ -114,7 +114,7 @@ def hand_loop(cfg: Config) -> tuple[Stamps, LossLog]:
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas,
                                   weight_decay=o.weight_decay)
-    sampler = DistributedSampler(task.train_dataset, num_replicas=dist.world_size(),
+    sampler: DistributedSampler[Any] = DistributedSampler(task.train_dataset, num_replicas=dist.world_size(),
                                  rank=dist.rank(), shuffle=True, seed=t.seed)
     stamps: Stamps = []
     for epoch in range(t.max_epochs):
@@ -122,7 +122,7 @@ def hand_loop(cfg: Config) -> tuple[Stamps, LossLog]:
         for inputs, target in DataLoader(task.train_dataset, batch_size=t.batch_size,
                                          sampler=sampler):
             loss = losses(model(inputs), target)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             stamps.append((epoch, time.perf_counter()))
