@@ -17,7 +17,6 @@ across ranks at the next step boundary and turns into an error.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,8 +33,6 @@ from distrib.storage import open_storage
 
 log = logging.getLogger(__name__)
 
-WRITER_NICE = 10  # the background writer's CPU priority offset (higher: yields more to training)
-
 
 @dataclass
 class StartPlan:
@@ -48,16 +45,6 @@ class StartPlan:
     skipped: list[str] = field(default_factory=list)
     permanent: bool = True  # for errors: retrying the job will not help
     progress: dict[str, Any] | None = None  # the last heartbeat of the interrupted run
-
-
-def _lower_priority() -> None:
-    """Raise this thread's nice value by :data:`WRITER_NICE` (Linux: per thread, inherited by
-    the threads it starts); elsewhere, or where not permitted, nothing changes."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                       os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + WRITER_NICE)
-    except (AttributeError, OSError):
-        pass
 
 
 def retention(infos: list[CheckpointInfo], keep_last: int, keep_best: int,
@@ -143,7 +130,7 @@ class Checkpointer:
                 self.store.delete(existing)
         args = (step, source, layout, skeleton, meta)
         if background:
-            self._thread = threading.Thread(target=self._write, args=(*args, True),
+            self._thread = threading.Thread(target=self._write, args=args,
                                             name=f"distrib-ckpt-{step}", daemon=True)
             self._thread.start()
         else:
@@ -151,11 +138,7 @@ class Checkpointer:
             self._collect()
 
     def _write(self, step: int, source: ByteSource, layout: Any, skeleton: Any,
-               meta: dict[str, Any], background: bool = False) -> None:
-        """Copy what was deferred, then write and commit. On the writer thread (``background``)
-        the copy, which the next optimizer step may wait for, runs at normal priority, and the
-        checksums and writes at a lower one, so that where every core runs a rank the writer
-        takes the CPU time training leaves."""
+               meta: dict[str, Any]) -> None:
         started = time.perf_counter()
         error: BaseException | None = None
         try:
@@ -163,8 +146,6 @@ class Checkpointer:
                 source.prepare()
             finally:
                 self._copied.set()  # the training thread may update the weights again
-            if background:
-                _lower_priority()
             self.store.write(step, source, layout, skeleton, meta)
             self._prune(step)
         except BaseException as exc:  # reported on the training thread by _collect
