@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable
 import torch
 import xxhash
 
-from distrib.serialization import (FlatBuffer, Layout, TensorEntry, TensorSink, flatten_state,
-                                   plan_layout, tensor_indices, unflatten_state)
+from distrib.serialization import (ByteSource, Layout, TensorEntry, TensorSink, TensorSource,
+                                   flatten_state, plan_layout, tensor_indices, unflatten_state)
 from distrib.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -127,15 +127,14 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ writing
 
-    def save_state(self, step: int, state: Any, meta: dict[str, Any] | None = None,
-                   buffer: FlatBuffer | None = None) -> CheckpointInfo:
-        """Snapshot ``state`` (nested dicts/lists of tensors and plain values) and commit it as
-        checkpoint ``step``, synchronously. See :meth:`write` for the errors."""
+    def save_state(self, step: int, state: Any, meta: dict[str, Any] | None = None
+                   ) -> CheckpointInfo:
+        """Commit ``state`` (nested dicts/lists of tensors and plain values) as checkpoint
+        ``step``, synchronously, writing straight from the tensors' memory: they must not change
+        until this returns. See :meth:`write` for the errors."""
         skeleton, tensors = flatten_state(state)
         layout = plan_layout(tensors)
-        buffer = buffer or FlatBuffer()
-        buffer.fill(tensors, layout)
-        return self.write(step, buffer, layout, skeleton, meta or {})
+        return self.write(step, TensorSource(tensors, layout), layout, skeleton, meta or {})
 
     def load_state(self, info: CheckpointInfo, subtree: str | None = None) -> Any:
         """Read, verify and rebuild the state saved in ``info`` (or one top-level subtree)."""
@@ -147,11 +146,11 @@ class CheckpointStore:
         valid = [i for i in self.scan() if i.status == "valid"]
         return valid[-1] if valid else None
 
-    def write(self, step: int, buffer: FlatBuffer, layout: Layout, skeleton: Any,
+    def write(self, step: int, source: ByteSource, layout: Layout, skeleton: Any,
               meta: dict[str, Any]) -> CheckpointInfo:
         """Write and commit checkpoint ``step``. FileExistsError if the step is already committed.
 
-        ``buffer`` holds ``layout``'s bytes; ``skeleton`` is the JSON-able rest of the state;
+        ``source`` holds ``layout``'s bytes; ``skeleton`` is the JSON-able rest of the state;
         ``meta`` goes into the manifest (epoch, metric, config ...).
         """
         token = uuid.uuid4().hex[:12]
@@ -162,7 +161,7 @@ class CheckpointStore:
         if self.storage.supports_rename and self.storage.exists(final):
             self.storage.delete_tree(final)  # an uncommitted leftover (e.g. a half-deleted one)
         try:
-            files = self._write_files(staged, token, buffer, layout, skeleton)
+            files = self._write_files(staged, token, source, layout, skeleton)
             manifest = {"format": FORMAT, "version": VERSION, "step": step, "checksum": CHECKSUM,
                         "created": time.time(), "state_file": f"state-{token}.json",
                         "shard_bytes": self.shard_bytes,
@@ -176,26 +175,26 @@ class CheckpointStore:
             raise
         return CheckpointInfo(step, final, "valid", None, manifest)
 
-    def _write_files(self, where: str, token: str, buffer: FlatBuffer, layout: Layout,
+    def _write_files(self, where: str, token: str, source: ByteSource, layout: Layout,
                      skeleton: Any) -> list[dict[str, Any]]:
-        buffer.copy_deferred()
-        buffer.ready()
+        source.prepare()
         self.storage.mkdir(where)
         state = json.dumps({"skeleton": skeleton, "total": layout.total,
                             "tensors": [e.to_json() for e in layout.entries]},
                            allow_nan=False).encode()
-        jobs: list[tuple[str, Callable[[], memoryview | bytes]]] = []
+        jobs: list[tuple[str, Callable[[], list[memoryview] | list[bytes]]]] = []
         for i, start in enumerate(range(0, layout.total, self.shard_bytes)):
             stop = min(start + self.shard_bytes, layout.total)
-            jobs.append((f"shard-{i:05d}-{token}.bin", lambda a=start, b=stop: buffer.view(a, b)))
-        jobs.append((f"state-{token}.json", lambda: state))
+            jobs.append((f"shard-{i:05d}-{token}.bin",
+                         lambda a=start, b=stop: source.segments(a, b)))
+        jobs.append((f"state-{token}.json", lambda: [state]))
 
-        def put(job: tuple[str, Callable[[], memoryview | bytes]]) -> dict[str, Any]:
-            name, data_fn = job
-            data = data_fn()
-            digest = _checksum([data])
-            self.storage.write(f"{where}/{name}", [data])
-            return {"name": name, "size": len(data), "checksum": digest}
+        def put(job: tuple[str, Callable[[], list[memoryview] | list[bytes]]]) -> dict[str, Any]:
+            name, chunks_fn = job
+            chunks = chunks_fn()
+            digest = _checksum(chunks)
+            self.storage.write(f"{where}/{name}", chunks)
+            return {"name": name, "size": sum(len(c) for c in chunks), "checksum": digest}
 
         with ThreadPoolExecutor(max_workers=max(1, self.io_threads)) as pool:
             return list(pool.map(put, jobs))

@@ -2,10 +2,12 @@
 
 All ranks construct a :class:`Checkpointer` and call :meth:`~Checkpointer.save`,
 :meth:`~Checkpointer.plan_start` and :meth:`~Checkpointer.load` at the same points (they contain
-collectives). Only rank 0 writes. A save gathers every rank's per-rank state to rank 0, copies all
-tensors into a reusable CPU buffer (the only part the training thread waits for when saves are
-asynchronous) and hands the buffer to one background writer thread. One save is in flight at a
-time: a save that comes due while the previous one is still writing waits for it and logs the wait.
+collectives). Only rank 0 writes. A save gathers every rank's per-rank state to rank 0. An
+asynchronous save then copies all tensors into a reusable CPU buffer (the only part the training
+thread waits for) and hands the buffer to one background writer thread; a synchronous (blocking)
+save writes straight from the tensors' memory, since nothing changes them until it returns. One
+save is in flight at a time: a save that comes due while the previous one is still writing waits
+for it and logs the wait.
 
 A failed save is logged and training continues from the previous checkpoint; ``max_failed_saves``
 consecutive failures make :attr:`Checkpointer.fatal` true (rank 0), which the trainer agrees on
@@ -25,7 +27,8 @@ import torch
 from distrib import dist
 from distrib.checkpoint import (CheckpointError, CheckpointInfo, CheckpointStore,
                                 CorruptCheckpoint, LoadedCheckpoint, step_dir)
-from distrib.serialization import FlatBuffer, flatten_state, plan_layout, unflatten_state
+from distrib.serialization import (ByteSource, FlatBuffer, TensorSource, flatten_state,
+                                   plan_layout, unflatten_state)
 from distrib.storage import open_storage
 
 log = logging.getLogger(__name__)
@@ -117,15 +120,20 @@ class Checkpointer:
         skeleton, tensors = flatten_state({**state, "per_rank": gathered})
         layout = plan_layout(tensors)
         background = self.async_save and not blocking
-        ptrs = {t.data_ptr() for t in deferrable if t.numel()} if background else set()
-        self._buffer.fill(tensors, layout, (lambda t: t.data_ptr() in ptrs) if ptrs else None)
+        source: ByteSource
+        if background:  # training goes on: snapshot into the buffer (deferrable ones later)
+            ptrs = {t.data_ptr() for t in deferrable if t.numel()}
+            self._buffer.fill(tensors, layout, (lambda t: t.data_ptr() in ptrs) if ptrs else None)
+            source = self._buffer
+        else:  # nothing changes until the write returns: write from the tensors themselves
+            source = TensorSource(tensors, layout)
         self._copied = threading.Event()
         self.stall_seconds = time.perf_counter() - started
         if replace:
             existing = self.store.inspect(step)
             if existing.committed:
                 self.store.delete(existing)
-        args = (step, layout, skeleton, meta)
+        args = (step, source, layout, skeleton, meta)
         if background:
             self._thread = threading.Thread(target=self._write, args=args,
                                             name=f"distrib-ckpt-{step}", daemon=True)
@@ -134,15 +142,16 @@ class Checkpointer:
             self._write(*args)
             self._collect()
 
-    def _write(self, step: int, layout: Any, skeleton: Any, meta: dict[str, Any]) -> None:
+    def _write(self, step: int, source: ByteSource, layout: Any, skeleton: Any,
+               meta: dict[str, Any]) -> None:
         started = time.perf_counter()
         error: BaseException | None = None
         try:
             try:
-                self._buffer.copy_deferred()
+                source.prepare()
             finally:
                 self._copied.set()  # the training thread may update the weights again
-            self.store.write(step, self._buffer, layout, skeleton, meta)
+            self.store.write(step, source, layout, skeleton, meta)
             self._prune(step)
         except BaseException as exc:  # reported on the training thread by _collect
             error = exc

@@ -7,9 +7,12 @@ No pickle is involved in either direction, so loading a checkpoint can never exe
   non-string keys and non-finite floats are tagged so that :func:`unflatten_state` rebuilds them
   exactly (an optimizer's integer state keys stay integers). Any other type is a TypeError that
   names where in the state it was found.
-* :func:`plan_layout` places every tensor's bytes in one stream (64-byte aligned);
-  :class:`FlatBuffer` is a reusable CPU buffer (pinned when CUDA is present) that a snapshot is
-  copied into, and from which shard files are written as contiguous slices.
+* :func:`plan_layout` places every tensor's bytes in one stream (64-byte aligned). Shard files
+  are written from a :class:`ByteSource`, which hands out any byte range of that stream as a list
+  of memoryviews: :class:`FlatBuffer` is a reusable CPU buffer (pinned when CUDA is present) that a
+  snapshot is copied into (asynchronous saves: training goes on while it is written), and
+  :class:`TensorSource` reads straight from the tensors' own memory (synchronous saves: the
+  tensors do not change while the write runs, so the snapshot copy is skipped).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -136,6 +139,17 @@ def _place(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
     return raw.view(dtype).view(entry.shape)
 
 
+class ByteSource(Protocol):
+    """The tensor byte stream of one checkpoint, as the writer reads it."""
+
+    def prepare(self) -> None:
+        """Make every byte available (finish deferred or device copies). Call once, first."""
+
+    def segments(self, start: int, stop: int) -> list[memoryview]:
+        """Memoryviews that, concatenated, are stream bytes ``[start, stop)`` (no copy)."""
+        ...
+
+
 class FlatBuffer:
     """A reusable uint8 CPU buffer that snapshots tensors at their layout offsets.
 
@@ -189,6 +203,68 @@ class FlatBuffer:
     def view(self, start: int, stop: int) -> memoryview:
         """Bytes ``[start, stop)`` of the buffer, without a copy."""
         return memoryview(self.data.numpy()).cast("B")[start:stop]
+
+    def prepare(self) -> None:
+        """:class:`ByteSource`: finish the deferred copies and wait for device copies."""
+        self.copy_deferred()
+        self.ready()
+
+    def segments(self, start: int, stop: int) -> list[memoryview]:
+        """:class:`ByteSource`: one contiguous slice of the buffer."""
+        return [self.view(start, stop)]
+
+
+_ZEROS = memoryview(bytes(ALIGN))
+
+
+class TensorSource:
+    """The stream of ``layout`` read from the tensors themselves: no snapshot copy.
+
+    CPU tensors that are contiguous are used in place; any other tensor (on a device, or
+    non-contiguous) is copied to CPU once, here. Alignment padding reads as zeros. The caller must
+    keep the tensors unchanged until the write that reads the segments has finished, so this
+    suits synchronous saves only.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], layout: Layout) -> None:
+        spans: list[tuple[int, memoryview]] = []
+        for t, entry in zip(tensors, layout.entries):
+            if not entry.nbytes:
+                continue
+            if t.device.type != "cpu" or not t.is_contiguous():
+                t = t.detach().to("cpu").contiguous()
+            spans.append((entry.offset, _bytes_of(t)))
+        self._spans = sorted(spans, key=lambda span: span[0])
+        self._starts = [offset for offset, _ in self._spans]
+        self.total = layout.total
+
+    def prepare(self) -> None:
+        """Nothing to wait for: the bytes are the tensors'."""
+
+    def segments(self, start: int, stop: int) -> list[memoryview]:
+        """:class:`ByteSource`: slices of the tensors' memory, and zeros for padding."""
+        if not 0 <= start <= stop <= self.total:
+            raise ValueError(f"bytes [{start}, {stop}) are outside the stream of {self.total}")
+        out: list[memoryview] = []
+        pos = start
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while pos < stop:
+            offset, view = self._spans[i] if i < len(self._spans) else (self.total, _ZEROS[:0])
+            if offset + len(view) <= pos and i < len(self._spans):
+                i += 1
+                continue
+            if offset > pos:  # padding up to the next tensor (or to the end of the stream)
+                gap = min(offset, stop) - pos
+                while gap:
+                    n = min(gap, len(_ZEROS))
+                    out.append(_ZEROS[:n])
+                    gap -= n
+                    pos += n
+                continue
+            hi = min(offset + len(view), stop)
+            out.append(view[pos - offset:hi - offset])
+            pos = hi
+        return out
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -1,0 +1,73 @@
+"""``python -m distrib.bench`` keeps working: the shape of its output on tiny sizes (never timings)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import base_env, run_cli
+
+BENCH = [sys.executable, "-m", "distrib.bench"]
+TINY = ["--quick", "--size-mb", "4", "--reps", "1"]
+FIGURE_KEYS = {"number", "title", "ratio", "goal", "goal_value", "pass", "min", "median", "max",
+               "ratios", "sizes", "details", "problem"}
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    out = tmp_path / "bench.json"
+    proc = run_cli([*BENCH, *TINY, "--dir", str(tmp_path), "--json", str(out), *args],
+                   cwd=tmp_path, env=base_env(), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == [out], "the scratch folder is left behind"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def _check(result: dict[str, Any], table: str, numbers: list[int]) -> None:
+    env = result["environment"]
+    assert {"torch", "cores", "storage", "storage_path"} <= set(env)
+    assert [f["number"] for f in result["figures"]] == numbers
+    lines = table.strip().splitlines()
+    assert len(lines) == 1 + len(numbers)  # a header and one row per figure
+    for f, line in zip(result["figures"], lines[1:]):
+        assert FIGURE_KEYS <= set(f), f
+        assert f["problem"] == "", f["problem"]
+        assert f["ratios"] and f["min"] <= f["ratio"] <= f["max"]
+        assert f["goal"].split()[0] in (">=", "<=")
+        cells = line.replace("|", " ").split()  # a text or a Markdown row
+        assert cells[0] == str(f["number"])
+        assert cells[-1] == ("PASS" if f["pass"] else "MISS")
+
+
+def test_quick_in_process_figures(tmp_path: Path) -> None:
+    result, table = _bench(tmp_path, "--only", "1,2,3,7,8")
+    _check(result, table, [1, 2, 3, 7, 8])
+    scale = result["figures"][-1]
+    assert len(scale["sizes"]["sizes_mb"]) == 3
+
+
+@pytest.mark.slow
+def test_quick_training_job_figures(tmp_path: Path) -> None:
+    result, table = _bench(tmp_path, "--only", "4,5,6,9", "--markdown")
+    _check(result, "\n".join(table.strip().splitlines()[1:]), [4, 5, 6, 9])  # minus |---|
+    assert table.startswith("| # | figure |")
+    same = result["figures"][1]["details"]["losses_equal_to_5_decimals"]
+    assert same is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "0"], "numbered 1 to 9"),
+    (["--only", "1,x"], "expected figure numbers"),
+    (["--size-mb", "0"], "must be > 0"),
+    (["--reps", "two"], "expected a number"),
+    (["--dir", "/nonexistent/place"], "not a directory"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = run_cli([*BENCH, *args], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert list(tmp_path.iterdir()) == []
