@@ -464,8 +464,9 @@ class Trainer:
             log.warning("%s", problem)
 
     def _agree(self) -> None:
-        """Exchange this step's local flags and act on the ones every rank agreed on a step ago
-        (see :class:`distrib.dist.LaggedAgreement`). Collective, but never blocks on the step."""
+        """Note this step's local flags and act on the ones every rank has agreed on (about a
+        quarter of a second later, see :class:`distrib.dist.LaggedAgreement`). Collective, but
+        never blocks on the step."""
         fatal, preempt = self.agreement.exchange([self.checkpointer.poll(),
                                                   self.preemption.requested])
         if fatal:

@@ -121,3 +121,20 @@ def test_process_group_is_destroyed_after_fit(tmp_path: Path) -> None:
     for r in results:
         assert r.returncode == 0, r.stderr
         assert r.output["group_alive_after_fit"] is True
+
+
+def test_lagged_agreement_spaces_exchanges_and_every_rank_acts_at_the_same_call(
+        tmp_path: Path) -> None:
+    """Rank 1 raises a flag at call 30 of 80; steps take 2 ms on rank 0 and 6 ms on rank 1 and
+    exchanges aim at 40 ms apart. Both ranks see the flag at the same call, at most two intervals
+    later, and tune the same interval (several calls, not every call)."""
+    args = {"target": 0.04, "sleep": [0.002, 0.006], "calls": 80, "raise_rank": 1, "raise_at": 30}
+    results = launch_ranks("agreement", tmp_path / "out", args)
+    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
+    zero, one = (r.output for r in results)
+    assert zero == one  # same due calls, same intervals, same agreed flags at the same call
+    (call, agreed), *rest = zero["seen"]
+    assert agreed == [False, True] and rest == [["drain", [False, False]]]
+    interval = max(zero["intervals"])
+    assert 2 <= interval <= 20, zero["intervals"]  # ~40 ms / ~4-6 ms per call
+    assert 30 < call <= 30 + 2 * interval

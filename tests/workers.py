@@ -136,9 +136,32 @@ def scenario_exact_eval(out_dir: Path, args: dict[str, Any]) -> None:
     dist.teardown(graceful=True)
 
 
+def scenario_agreement(out_dir: Path, args: dict[str, Any]) -> None:
+    """Call LaggedAgreement.exchange once per simulated step (rank-dependent step times); one
+    rank raises a flag at one call. Record which calls were due and what was agreed when."""
+    import time
+
+    dist.setup(60.0)
+    agreement = dist.LaggedAgreement(2, target_seconds=args["target"])
+    sleep = args["sleep"][dist.rank()]
+    seen, intervals = [], []
+    for call in range(args["calls"]):
+        time.sleep(sleep)
+        raise_now = dist.rank() == args["raise_rank"] and call == args["raise_at"]
+        agreed = agreement.exchange([False, raise_now])
+        intervals.append(agreement.interval)
+        if any(agreed):
+            seen.append([call, agreed])
+    seen.append(["drain", agreement.drain()])
+    save_output(out_dir, {"seen": seen, "intervals": intervals})
+    dist.barrier()
+    dist.teardown(graceful=True)
+
+
 SCENARIOS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
     "fit": scenario_fit,
     "exact_eval": scenario_exact_eval,
+    "agreement": scenario_agreement,
 }
 
 if __name__ == "__main__":
