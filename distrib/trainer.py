@@ -374,7 +374,8 @@ class Trainer:
             self.samples_done += cfg.train.batch_size * dist.world_size()
             if last_micro:
                 self._optimizer_step()
-                progress.set_postfix(loss=f"{self._running_loss():.4f}")
+                if progress.enabled:
+                    progress.set_postfix(loss=f"{self._running_loss():.4f}")
                 if self._step_boundary(last_of_epoch=i == n - 1):
                     return
         self._end_epoch(time.perf_counter() - started, samples * dist.world_size())
@@ -388,7 +389,8 @@ class Trainer:
             scaled = loss * scale
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         count = _batch_len(target)
-        self._loss_sum += loss.detach().double().cpu() * count
+        # kept on the loss's device: reading it (logging, epoch end) is the only host sync
+        self._loss_sum = self._loss_sum.to(loss.device) + loss.detach().double() * count
         self._loss_count += count
         return count
 
