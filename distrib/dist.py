@@ -202,13 +202,14 @@ class LaggedAgreement:
         self._calls = 0
         self._since = time.perf_counter()
 
-    def exchange(self, flags: Sequence[bool]) -> list[bool]:
+    def exchange(self, flags: Sequence[bool], due: bool = False) -> list[bool]:
         """Note ``flags``; on a due call start agreeing on them and return the flags agreed at
-        the previous due call. All False on the other calls."""
+        the previous due call. All False on the other calls. ``due=True`` makes this call due
+        (at points every rank passes with the same value, such as an epoch end)."""
         self._raised = [a or bool(b) for a, b in zip(self._raised, flags)]
         self._calls += 1
         self._countdown -= 1
-        if self._countdown > 0:
+        if self._countdown > 0 and not due:
             return [False] * self.size
         now = time.perf_counter()
         per_call_us = int((now - self._since) / self._calls * 1e6)

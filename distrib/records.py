@@ -83,6 +83,7 @@ class _Segment:
         self._thread: threading.Thread | None = None
         self._again = False
         self._flushed_at = time.monotonic()
+        self._failing = False  # the last write failed (warned once)
 
     def add(self, line: str, urgent: bool) -> None:
         if self.storage.supports_append:
@@ -124,11 +125,17 @@ class _Segment:
         self._guard("write", lambda: self.storage.write(self.name, [data]))
 
     def _guard(self, what: str, op: Any) -> None:
+        """Run ``op``; a failure is a warning the first time (and again after a success), a
+        debug line while it keeps failing, never an exception."""
         try:
             op()
         except Exception as exc:
-            log.warning("run records: cannot %s %s/%s (%s: %s); training goes on", what,
-                        self.storage.url, self.name, type(exc).__name__, exc)
+            level = logging.DEBUG if self._failing else logging.WARNING
+            self._failing = True
+            log.log(level, "run records: cannot %s %s/%s (%s: %s); training goes on", what,
+                    self.storage.url, self.name, type(exc).__name__, exc)
+        else:
+            self._failing = False
 
 
 class _TensorBoard:

@@ -465,12 +465,12 @@ class Trainer:
         for problem in shutdown_budget_problems(seconds + self.checkpointer.stall_seconds):
             log.warning("%s", problem)
 
-    def _agree(self) -> None:
+    def _agree(self, due: bool = False) -> None:
         """Note this step's local flags and act on the ones every rank has agreed on (about a
         quarter of a second later, see :class:`distrib.dist.LaggedAgreement`). Collective, but
         never blocks on the step."""
         fatal, preempt = self.agreement.exchange([self.checkpointer.poll(),
-                                                  self.preemption.requested])
+                                                  self.preemption.requested], due=due)
         if fatal:
             raise SaveFailedError(f"{self.config.ckpt.max_failed_saves} consecutive checkpoint "
                                   "saves failed; stopping (the newest committed checkpoint is "
@@ -522,7 +522,7 @@ class Trainer:
         self.epoch += 1
         self.samples_done = 0
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
-        self._agree()
+        self._agree(due=True)  # at least once an epoch, however short the steps
         if stop:
             self.stop_reason, self.stop_message = "early_stop", self.early_stopping.reason or ""
             log.info("%s", self.stop_message)
