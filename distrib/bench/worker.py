@@ -4,7 +4,7 @@
 * ``steps`` (figures 5 and 9): per repetition, in alternating order, a ``distrib`` Trainer and a
   hand-written DDP loop train the same model on the same data with the same optimizer; both
   record when every optimizer step ended and every training loss. The Trainer also records the
-  time it spends agreeing on preemption notices (every step) and on the early-stopping decision
+  time it spends agreeing on preemption notices (every few steps and every epoch end) and on the early-stopping decision
   (every epoch).
 * ``ckpt`` (figure 4): per repetition, in alternating order, the Trainer without checkpoints and
   with an asynchronous checkpoint every K steps, K chosen so that a save takes ~10% of the time
@@ -60,10 +60,10 @@ class TimedTrainer(Trainer):
 
     agree_s = decide_s = epochs_s = 0.0
 
-    def _agree(self) -> None:
+    def _agree(self, due: bool = False) -> None:
         started = time.perf_counter()
         try:
-            super()._agree()
+            super()._agree(due)
         finally:
             self.agree_s += time.perf_counter() - started
 
