@@ -217,7 +217,37 @@ class FlatBuffer:
 _ZEROS = memoryview(bytes(ALIGN))
 
 
-class TensorSource:
+class _Spans:
+    """The byte spans ``(offset, memory)`` of tensors laid out in one stream, by offset."""
+
+    def __init__(self, spans: list[tuple[int, memoryview]]) -> None:
+        self._spans = sorted(spans, key=lambda span: span[0])
+        self._starts = [offset for offset, _ in self._spans]
+
+    def _cover(self, start: int, stop: int, filler: memoryview) -> list[memoryview]:
+        """Memoryviews that, in order, are stream bytes ``[start, stop)``: slices of the spans,
+        and slices of ``filler`` (repeated as needed) for bytes no span holds."""
+        spans, out, pos = self._spans, [], start
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while pos < stop:
+            if i < len(spans) and spans[i][0] + len(spans[i][1]) <= pos:
+                i += 1
+                continue
+            if i >= len(spans) or spans[i][0] > pos:
+                gap_end = stop if i >= len(spans) else min(spans[i][0], stop)
+                while pos < gap_end:
+                    n = min(len(filler), gap_end - pos)
+                    out.append(filler[:n])
+                    pos += n
+                continue
+            offset, view = spans[i]
+            hi = min(offset + len(view), stop)
+            out.append(view[pos - offset:hi - offset])
+            pos = hi
+        return out
+
+
+class TensorSource(_Spans):
     """The stream of ``layout`` read from the tensors themselves: no snapshot copy.
 
     CPU tensors that are contiguous are used in place; any other tensor (on a device, or
@@ -234,8 +264,7 @@ class TensorSource:
             if t.device.type != "cpu" or not t.is_contiguous():
                 t = t.detach().to("cpu").contiguous()
             spans.append((entry.offset, _bytes_of(t)))
-        self._spans = sorted(spans, key=lambda span: span[0])
-        self._starts = [offset for offset, _ in self._spans]
+        super().__init__(spans)
         self.total = layout.total
 
     def prepare(self) -> None:
@@ -245,26 +274,7 @@ class TensorSource:
         """:class:`ByteSource`: slices of the tensors' memory, and zeros for padding."""
         if not 0 <= start <= stop <= self.total:
             raise ValueError(f"bytes [{start}, {stop}) are outside the stream of {self.total}")
-        out: list[memoryview] = []
-        pos = start
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        while pos < stop:
-            offset, view = self._spans[i] if i < len(self._spans) else (self.total, _ZEROS[:0])
-            if offset + len(view) <= pos and i < len(self._spans):
-                i += 1
-                continue
-            if offset > pos:  # padding up to the next tensor (or to the end of the stream)
-                gap = min(offset, stop) - pos
-                while gap:
-                    n = min(gap, len(_ZEROS))
-                    out.append(_ZEROS[:n])
-                    gap -= n
-                    pos += n
-                continue
-            hi = min(offset + len(view), stop)
-            out.append(view[pos - offset:hi - offset])
-            pos = hi
-        return out
+        return self._cover(start, stop, _ZEROS)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -272,7 +282,7 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-class TensorSink:
+class TensorSink(_Spans):
     """Freshly allocated tensors for ``layout`` (each with its own storage), and the byte
     segments a range of the stream must be read into (see :meth:`segments`).
 
@@ -287,9 +297,8 @@ class TensorSink:
         self.tensors: list[torch.Tensor | None] = [
             torch.empty(e.shape, dtype=_dtype(e.dtype)) if wanted is None or i in wanted else None
             for i, e in enumerate(layout.entries)]
-        self._spans = sorted((e.offset, _bytes_of(t)) for e, t in zip(layout.entries, self.tensors)
-                             if t is not None and e.nbytes)
-        self._starts = [offset for offset, _ in self._spans]
+        super().__init__([(e.offset, _bytes_of(t)) for e, t in zip(layout.entries, self.tensors)
+                          if t is not None and e.nbytes])
 
     def needs(self, start: int, stop: int) -> bool:
         """Whether any wanted tensor has bytes in ``[start, stop)``."""
@@ -302,26 +311,8 @@ class TensorSink:
         """Buffers that, filled in order, receive stream bytes ``[start, stop)``: slices of the
         wanted tensors, and scratch memory for everything else. Scratch buffers are reused, so
         consume (checksum) each segment as soon as it is filled."""
-        out: list[memoryview] = []
         scratch = memoryview(bytearray(min(self.SCRATCH, max(stop - start, 0))))
-        pos = start
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        while pos < stop:
-            if i < len(self._spans) and self._spans[i][0] + len(self._spans[i][1]) <= pos:
-                i += 1
-                continue
-            if i >= len(self._spans) or self._spans[i][0] > pos:
-                gap_end = stop if i >= len(self._spans) else min(self._spans[i][0], stop)
-                while pos < gap_end:
-                    n = min(len(scratch), gap_end - pos)
-                    out.append(scratch[:n])
-                    pos += n
-                continue
-            offset, view = self._spans[i]
-            hi = min(offset + len(view), stop)
-            out.append(view[pos - offset:hi - offset])
-            pos = hi
-        return out
+        return self._cover(start, stop, scratch)
 
 
 def tensor_indices(skeleton: Any) -> set[int]:
