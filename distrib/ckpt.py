@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from distrib.checkpoint import CheckpointInfo, CheckpointStore, CorruptCheckpoint
 from distrib.checkpointer import retention
+from distrib.config import parse_key_value
 from distrib.serialization import unflatten_state
 from distrib.storage import open_storage, parse_options
 
@@ -201,13 +202,6 @@ COMMANDS = {"ls": cmd_ls, "verify": cmd_verify, "export": cmd_export, "prune": c
             "inspect": cmd_inspect}
 
 
-def _option(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
@@ -216,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
         p.add_argument("url", metavar="URL", help="checkpoint directory (or one step-N in it)")
-        p.add_argument("--storage-option", type=_option, action="append", default=[],
+        p.add_argument("--storage-option", type=parse_key_value, action="append", default=[],
                        metavar="KEY=VALUE", help="an fsspec storage option (repeatable)")
         return p
 

@@ -450,7 +450,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _parse_key_values(text: str) -> tuple[str, str]:
+def parse_key_value(text: str) -> tuple[str, str]:
+    """An argparse ``type`` for ``KEY=VALUE`` options (``--task-arg``, ``--storage-option``)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -519,7 +520,7 @@ def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> No
         group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kw)
         return
     if typing.get_origin(base) is dict:
-        group.add_argument(flag_name(f.name), type=_parse_key_values, action="append", **kw)
+        group.add_argument(flag_name(f.name), type=parse_key_value, action="append", **kw)
         return
     if typing.get_origin(base) is tuple:
         kind: Callable[[str], Any] = _parse_pair

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from distrib.config import parse_key_value
 from distrib.records import History, read_history, segment_names
 from distrib.storage import Storage, open_storage, parse_options
 
@@ -108,14 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the log dir or the checkpoint dir")
     parser.add_argument("--out", default="report.png", help="the PNG to write (default: %(default)s)")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--storage-option", type=parse_key_value, action="append", default=[],
+                        metavar="KEY=VALUE",
                         help="an fsspec storage option (repeatable)")
     args = parser.parse_args(argv)
     try:
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("drawing needs matplotlib, which is not installed "
                              "(pip install 'distrib[plot]')")
-        options = parse_options(dict(kv.partition("=")[::2] for kv in args.storage_option))
+        options = parse_options(dict(args.storage_option))
         storage = find_records(args.run_dir, options)
         history = read_history(storage)
     except UsageError as exc:
