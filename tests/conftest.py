@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -16,6 +17,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = REPO / "tests" / "workers.py"
+
+
+def _load_chaos() -> Any:
+    """launch/chaos.py (a script, not a package module): its process helpers for the tests."""
+    spec = importlib.util.spec_from_file_location("chaos", REPO / "launch" / "chaos.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+chaos = _load_chaos()
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ import pytest
 from distrib import exitcodes
 from distrib.config import Config
 
-from .conftest import REPO, base_env, free_port
+from .conftest import REPO, base_env, chaos, free_port
 
 yaml = pytest.importorskip("yaml")
 K8S = REPO / "k8s"
@@ -32,7 +32,6 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 CRDS = REPO.parent / "shared" / "k8s-crds"
 KUBERNETES_VERSION = "1.34.0"  # schemas bundled with the pinned kubernetes-validate
 CRD_FILES = {"PyTorchJob": "pytorchjobs.crd.yaml", "JobSet": "jobsets.crd.yaml"}
-FIRST_STEP = "first optimizer step done"
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -376,12 +375,7 @@ class Pod:
 
     def kill(self) -> None:
         """A node lost: SIGKILL the launcher, torchrun and the workers (their own groups)."""
-        pids = [self.proc.pid]
-        for _ in range(3):
-            found = subprocess.run(["pgrep", "-P", ",".join(map(str, pids))],
-                                   capture_output=True, text=True).stdout.split()
-            pids = list(dict.fromkeys(pids + [int(p) for p in found]))
-        for pid in pids:
+        for pid in [self.proc.pid, *chaos.descendants(self.proc.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -460,7 +454,7 @@ class LocalCluster:
     @staticmethod
     def wait_first_step(pods: list[Pod], timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while not any(FIRST_STEP in p.text() for p in pods):
+        while not any(chaos.FIRST_STEP in p.text() for p in pods):
             logs = "".join(p.text()[-3000:] for p in pods)
             assert time.monotonic() < deadline, logs
             assert all(p.proc.poll() is None for p in pods), logs

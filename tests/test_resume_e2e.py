@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,14 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from .conftest import REPO, base_env, free_port, run_cli
+from .conftest import REPO, base_env, chaos, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
-_spec = importlib.util.spec_from_file_location("chaos", REPO / "launch" / "chaos.py")
-assert _spec and _spec.loader
-chaos = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(chaos)
 
 TRAIN = 20000  # samples: 625 optimizer steps per epoch with 2 ranks x 16
 JOB = ["--task", "tests.tasks:tiny", "--task-arg", f"train={TRAIN}", "--task-arg", "dropout=0.1",
