@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from distrib.storage import Storage, open_storage
 
@@ -78,6 +78,8 @@ class _Segment:
 
     def __init__(self, storage: Storage, name: str, flush_every_s: float) -> None:
         self.storage, self.name, self.flush_every_s = storage, name, flush_every_s
+        #: also run after each rewrite, on the same thread (uploads the TensorBoard events)
+        self.after_rewrite: Callable[[], None] | None = None
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -123,6 +125,8 @@ class _Segment:
         with self._lock:
             data = "".join(self.lines).encode()
         self._guard("write", lambda: self.storage.write(self.name, [data]))
+        if self.after_rewrite is not None:
+            self._guard("write TensorBoard events to", self.after_rewrite)
 
     def _guard(self, what: str, op: Any) -> None:
         """Run ``op``; a failure is a warning the first time (and again after a success), a
@@ -140,7 +144,8 @@ class _Segment:
 
 class _TensorBoard:
     """The same scalars as TensorBoard events. Remote log dirs get a local staging directory whose
-    files are uploaded at every flush (object stores cannot append)."""
+    files are uploaded at every flush (object stores cannot append); the records' background
+    writer calls that flush, never the training thread."""
 
     def __init__(self, storage: Storage, purge_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -245,6 +250,8 @@ class RunRecords:
         if self.tensorboard:
             try:
                 self.tb = _TensorBoard(self.storage, purge_step=step + 1 if step else None)
+                if self.tb.staging is not None:  # uploads go with the background rewrites
+                    self.segment.after_rewrite = self.tb.flush
             except Exception as exc:
                 log.warning("run records: no TensorBoard events (%s: %s)", type(exc).__name__,
                             exc)
@@ -320,10 +327,11 @@ class RunRecords:
         if self.segment is None:
             return
         segment, self.segment = self.segment, None
+        segment.flush(wait=True)
+        segment.after_rewrite = None
         if self.tb is not None:
             tb, self.tb = self.tb, None
             segment._guard("write TensorBoard events to", tb.close)
-        segment.flush(wait=True)
 
     def _write(self, record: dict[str, Any], urgent: bool = False) -> None:
         if self.segment is None:
@@ -334,8 +342,9 @@ class RunRecords:
         if self.tb is not None:
             tb = self.tb
             self.segment._guard("write TensorBoard events to", lambda: tb.add(record))
-            if urgent:
+            if urgent and self.tb.staging is None:  # local: flushing the event file is cheap
                 self.segment._guard("write TensorBoard events to", tb.flush)
+            # remote: the segment's background rewrite, which urgent records trigger, uploads
 
 
 def resume_marker(previous: Mapping[str, Any], step: int,
