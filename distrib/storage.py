@@ -9,10 +9,15 @@ Two implementations of one small interface:
   :meth:`Storage.write_new` is a create-only write (S3 ``If-None-Match: *``) so that of two
   writers exactly one wins.
 
-Paths given to the methods are relative to the root URL and use ``/``. Transient errors
-(connection resets, timeouts, throttling, 5xx) are retried with bounded exponential backoff;
-permanent ones (missing file, permission, already exists) are raised at once. Storage options may
-hold secrets: they are never logged and never included in error messages.
+Paths given to the methods are relative to the root URL and use ``/``. They are untrusted
+(file names come from manifests on storage): every method first checks that its path stays
+inside the root (:func:`check_rel`: no absolute path, no ``.`` or ``..`` component, no empty
+component, no control character), and :class:`LocalStorage` refuses any path below the root that
+goes through a symbolic link, for reading, listing and deleting alike. Both raise
+:class:`UnsafePath`, a permanent error. Transient errors (connection resets, timeouts, throttling,
+5xx) are retried with bounded exponential backoff; permanent ones (missing file, permission,
+already exists) are raised at once. Storage options may hold secrets: they are never logged and
+never included in error messages.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import errno
 import logging
 import os
 import random
+import re
+import stat
 import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -29,8 +36,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
 
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-              NotADirectoryError, ValueError, TypeError)
 _TRANSIENT_WORDS = ("timeout", "timed out", "connect", "reset", "throttl", "slowdown",
                     "slow down", "503", "500", "502", "504", "internalerror",
                     "serviceunavailable", "requesttimeout", "temporarily", "broken pipe",
@@ -39,6 +44,34 @@ _TRANSIENT_WORDS = ("timeout", "timed out", "connect", "reset", "throttl", "slow
 
 class StorageError(OSError):
     """A storage operation failed permanently (after retries, if it was transient)."""
+
+
+class UnsafePath(StorageError):
+    """A path that would leave the storage root or pass through a symbolic link: refused."""
+
+
+# StorageError is raised by this module for conditions that are final (a size mismatch, an
+# unsafe path): never retried, whatever its message says
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+              NotADirectoryError, ValueError, TypeError, StorageError)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_rel(rel: str) -> str:
+    """``rel`` if it is a safe path relative to a storage root; UnsafePath otherwise.
+
+    Safe: ``/``-separated components, none empty, ``.`` or ``..``, no backslash and no control
+    character, not absolute. ``""`` is the root itself.
+    """
+    if not isinstance(rel, str):
+        raise UnsafePath(f"not a path: {type(rel).__name__}")
+    if rel == "":
+        return rel
+    if rel.startswith("/") or "\\" in rel or _CONTROL.search(rel):
+        raise UnsafePath(f"unsafe path {rel!r}: absolute, or with a control character")
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        raise UnsafePath(f"unsafe path {rel!r}: empty, '.' or '..' component")
+    return rel
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -91,12 +124,26 @@ class Storage:
     def exists(self, rel: str) -> bool:
         raise NotImplementedError
 
+    def sizes(self, rel: str) -> dict[str, int]:
+        """The regular files directly inside directory ``rel`` and their sizes ({} if it is
+        absent). One listing where the store allows it, instead of a request per file."""
+        return {name: size for name in self.list(rel)
+                if (size := self.size(f"{rel}/{name}" if rel else name)) is not None}
+
     def size(self, rel: str) -> int | None:
         """The size of file ``rel`` in bytes, or None if it does not exist."""
         raise NotImplementedError
 
-    def read(self, rel: str) -> bytes:
+    def read(self, rel: str, limit: int | None = None) -> bytes:
+        """The bytes of file ``rel``. With ``limit``, StorageError if it holds more than that
+        many bytes (nothing beyond ``limit + 1`` bytes is read into memory)."""
         raise NotImplementedError
+
+    def probe(self) -> str | None:
+        """Check, without writing anything, that checkpoints can be written here: the root is
+        (or can be created as) a writable directory, the bucket exists, the credentials and
+        storage options work. Returns a one-line problem, or None."""
+        return None
 
     def read_segments(self, rel: str, outs: Sequence[memoryview],
                       consume: Callable[[memoryview], None] = lambda mv: None) -> None:
@@ -148,7 +195,11 @@ def _join(*parts: str) -> str:
 
 
 class LocalStorage(Storage):
-    """A directory on a local (or network-mounted POSIX) file system."""
+    """A directory on a local (or network-mounted POSIX) file system.
+
+    The root itself may be a symbolic link (the user chose it); below it, no path component may
+    be one: a link there could point into another run's directory.
+    """
 
     supports_rename = True
     supports_append = True
@@ -158,7 +209,19 @@ class LocalStorage(Storage):
         self.url = self.root
 
     def _path(self, rel: str) -> str:
-        return os.path.join(self.root, *[p for p in rel.split("/") if p])
+        """The absolute path of ``rel``; UnsafePath if it leaves the root or passes through a
+        symbolic link (components that do not exist yet are fine)."""
+        parts = [p for p in check_rel(rel).split("/") if p]
+        path = self.root
+        for part in parts:
+            path = os.path.join(path, part)
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if stat.S_ISLNK(mode):
+                raise UnsafePath(f"{rel}: {os.path.relpath(path, self.root)} is a symbolic link")
+        return os.path.join(self.root, *parts)
 
     def list(self, rel: str = "") -> list[str]:
         try:
@@ -167,22 +230,37 @@ class LocalStorage(Storage):
             return []
 
     def exists(self, rel: str) -> bool:
-        return os.path.exists(self._path(rel))
+        return os.path.lexists(self._path(rel))
 
     def size(self, rel: str) -> int | None:
         try:
-            return os.stat(self._path(rel)).st_size
+            info = os.lstat(self._path(rel))
         except (FileNotFoundError, NotADirectoryError):
             return None
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
 
-    def read(self, rel: str) -> bytes:
-        with open(self._path(rel), "rb") as fh:
-            return fh.read()
+    def _open(self, rel: str) -> int:
+        """A read-only descriptor of regular file ``rel`` (never through a link)."""
+        fd = os.open(self._path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IsADirectoryError(f"{rel}: not a regular file")
+        return fd
+
+    def read(self, rel: str, limit: int | None = None) -> bytes:
+        with open(self._open(rel), "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if limit is not None and size > limit:
+                raise StorageError(f"{rel}: {size} bytes, more than the {limit} expected")
+            data = fh.read() if limit is None else fh.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise StorageError(f"{rel}: more than the {limit} bytes expected")
+        return data
 
     def read_segments(self, rel: str, outs: Sequence[memoryview],
                       consume: Callable[[memoryview], None] = lambda mv: None) -> None:
         total = sum(len(o) for o in outs)
-        with open(self._path(rel), "rb", buffering=0) as fh:
+        with open(self._open(rel), "rb", buffering=0) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size != total:
                 raise StorageError(f"{rel}: {size} bytes, expected {total}")
@@ -196,21 +274,44 @@ class LocalStorage(Storage):
                 consume(out)
 
     def write(self, rel: str, chunks: Sequence[Buffer]) -> None:
-        self._write(rel, chunks, "wb")
+        """Replace file ``rel``; a reader sees the old content or the new, never a part."""
+        path = self._path(rel)
+        tmp = f"{path}.new-{os.getpid()}-{random.getrandbits(48):012x}"
+        self._write(os.path.relpath(tmp, self.root).replace(os.sep, "/"), chunks, "xb")
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.remove(tmp)
+            raise
 
     def write_new(self, rel: str, data: bytes) -> None:
-        self._write(rel, [data], "xb")
+        """Create-only, and readers never see a partial file: the bytes go to a temporary
+        sibling, which is then hard-linked into place (``link`` fails if the name exists)."""
+        path = self._path(rel)
+        tmp = f"{path}.new-{os.getpid()}-{random.getrandbits(48):012x}"
+        self._write(os.path.relpath(tmp, self.root).replace(os.sep, "/"), [data], "xb")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(rel) from None
+        finally:
+            os.remove(tmp)
+        fsync_dir(os.path.dirname(path))
 
     def append(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "ab") as fh:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with open(fd, "ab") as fh:
             fh.write(data)
 
     def _write(self, rel: str, chunks: Sequence[Buffer], mode: str) -> None:
         path = self._path(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, mode, buffering=0) as fh:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags |= os.O_EXCL if mode == "xb" else os.O_TRUNC
+        with open(os.open(path, flags, 0o644), "wb", buffering=0) as fh:
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
                 while view:
@@ -226,22 +327,44 @@ class LocalStorage(Storage):
     def delete_tree(self, rel: str) -> None:
         import shutil
 
-        shutil.rmtree(self._path(rel), ignore_errors=True)
+        path = self._path(rel)  # no link on the way, and rel itself is no link
+        if os.path.isdir(path):
+            # rmtree does not follow links inside the tree; it removes the links themselves
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
 
     def mkdir(self, rel: str) -> None:
         os.makedirs(self._path(rel), exist_ok=True)
 
     def rename_dir(self, src: str, dst: str) -> None:
-        dst_path = self._path(dst)
-        if os.path.exists(dst_path):
+        src_path, dst_path = self._path(src), self._path(dst)
+        if os.path.lexists(dst_path):
             raise FileExistsError(dst)
+        fsync_dir(src_path)  # the names of the files inside, before they become visible
         try:
-            os.rename(self._path(src), dst_path)
+            os.rename(src_path, dst_path)
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise FileExistsError(dst) from None
             raise
         fsync_dir(os.path.dirname(dst_path))
+
+    def probe(self) -> str | None:
+        path = self.root
+        while not os.path.lexists(path):
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        if not os.path.isdir(path):
+            what = "is not a directory" if path == self.root else f"is under {path}, a file"
+            return f"{self.root} {what}"
+        if not os.access(path, os.W_OK | os.X_OK):
+            where = "" if path == self.root else f" ({path} is where it would be created)"
+            return (f"{self.root} is not writable{where}: permission denied or a read-only "
+                    "file system")
+        return None
 
 
 def fsync_dir(path: str) -> None:
@@ -267,7 +390,7 @@ class FsspecStorage(Storage):
         self.url = f"{protocol}://{self.root.lstrip('/')}"
 
     def _path(self, rel: str) -> str:
-        return _join(self.root, rel) if rel else self.root
+        return _join(self.root, check_rel(rel)) if rel else self.root
 
     def _call(self, what: str, op: Callable[[], T]) -> T:
         return retry(op, f"{what} {self.url}")
@@ -301,8 +424,46 @@ class FsspecStorage(Storage):
             return None if info.get("type") == "directory" else int(info["size"])
         return self._call("stat", op)
 
-    def read(self, rel: str) -> bytes:
-        return bytes(self._call("read", lambda: self.fs.cat_file(self._path(rel))))
+    def sizes(self, rel: str) -> dict[str, int]:
+        path = self._path(rel)
+
+        def op() -> dict[str, int]:
+            try:
+                entries = self.fs.ls(path, detail=True, refresh=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
+            return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+                    for e in entries if e.get("type") == "file"
+                    and e["name"].rstrip("/") != path.rstrip("/")}
+        return self._call("list", op)
+
+    def read(self, rel: str, limit: int | None = None) -> bytes:
+        path = self._path(rel)
+        if limit is None:
+            return bytes(self._call("read", lambda: self.fs.cat_file(path)))
+        data = bytes(self._call("read", lambda: self.fs.cat_file(path, start=0, end=limit + 1)))
+        if len(data) > limit:
+            raise StorageError(f"{rel}: more than the {limit} bytes expected")
+        return data
+
+    def probe(self) -> str | None:
+        bucket = self.root.lstrip("/").split("/", 1)[0]
+        protocol = self.url.split("://", 1)[0]
+        try:
+            try:
+                self._call("list", lambda: self.fs.ls(self._fresh(self.root), refresh=True))
+            except (FileNotFoundError, NotADirectoryError):  # nothing there yet, or no bucket
+                if protocol in _BUCKET_PROTOCOLS and bucket and not self._call(
+                        "stat", lambda: self.fs.exists(self._fresh(bucket))):
+                    return f"{self.url}: the bucket {bucket!r} does not exist"
+        except PermissionError as exc:
+            return f"{self.url}: access denied (PermissionError: {_short(exc)}); check the " \
+                   "credentials"
+        except TypeError as exc:  # the file system's client rejected a --storage-option
+            return f"{self.url}: a --storage-option is not accepted: {_short(exc)}"
+        except Exception as exc:  # credentials missing, network: one line
+            return f"{self.url}: {type(exc).__name__}: {_short(exc)}"
+        return None
 
     def write(self, rel: str, chunks: Sequence[Buffer]) -> None:
         # botocore accepts bytes, not memoryviews: one copy of the (bounded-size) file here
@@ -340,6 +501,9 @@ class FsspecStorage(Storage):
             except FileNotFoundError:
                 pass
         self._call("delete", op)
+
+
+_BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2")
 
 
 def parse_options(raw: Mapping[str, str]) -> dict[str, Any]:
