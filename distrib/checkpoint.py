@@ -12,13 +12,17 @@ Commit: on local disk the files go into a temporary sibling ``.step-N.tmp-<token
 are fsynced, and the directory is renamed into place (then its parent fsynced). On object stores
 the data files are uploaded under the final name and the manifest is created with a create-only
 write. Either way a step directory without a valid manifest does not exist for readers, and of two
-writers racing for the same step exactly one wins (the loser removes its own files).
+writers racing for the same step exactly one wins; the loser removes only its own files, never
+anything committed.
 
-Reading: :meth:`CheckpointStore.scan` classifies every step directory as ``valid`` (manifest parses
-and every file exists with its listed size), ``incomplete`` (no manifest, or files missing or of
-the wrong size) or ``corrupt`` (the manifest does not parse). :meth:`CheckpointStore.read` also
-verifies every file's xxh3-128 checksum and raises :class:`CorruptCheckpoint` on a mismatch.
-This module is rank-agnostic: the caller decides who writes.
+Reading: :meth:`CheckpointStore.scan` classifies every step directory as ``valid`` (the manifest
+passes :meth:`distrib.format.Manifest.parse` and every listed file exists with its listed size),
+``incomplete`` (no manifest: never committed, or being written) or ``invalid`` (a manifest exists
+but breaks the format, a file is missing or of the wrong size, or a path is a symbolic link).
+:meth:`CheckpointStore.read` also checks the state file's tensor index against the manifest and
+every file's xxh3-128 checksum, and raises :class:`CorruptCheckpoint` on any violation. Everything
+read is untrusted (see :mod:`distrib.format`); nothing outside the root is ever opened, sized or
+deleted (see :mod:`distrib.storage`). This module is rank-agnostic: the caller decides who writes.
 """
 
 from __future__ import annotations
@@ -29,31 +33,32 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import xxhash
 
-from distrib.serialization import (ByteSource, Layout, TensorEntry, TensorSink, TensorSource,
-                                   flatten_state, plan_layout, tensor_indices, unflatten_state)
-from distrib.storage import Storage
+from distrib.format import (MAX_MANIFEST_BYTES, MAX_MARKER_BYTES, MAX_STATE_BYTES, FileEntry,
+                            InvalidCheckpoint, Manifest, Meta, StateIndex, parse_marker)
+from distrib.serialization import (ByteSource, Layout, TensorSink, TensorSource, flatten_state,
+                                   plan_layout, tensor_indices, unflatten_state)
+from distrib.storage import Storage, StorageError, UnsafePath
 
 log = logging.getLogger(__name__)
 
-FORMAT = "distrib-checkpoint"
-VERSION = 1
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 PROGRESS = "progress.json"
-CHECKSUM = "xxh3_128"
-_STEP_RE = re.compile(r"^step-(\d{9,})$")
-_STAGE_RE = re.compile(r"^\.step-(\d{9,})\.tmp-[0-9a-f]+$")
+_STEP_RE = re.compile(r"^step-(\d{9,18})$")
+_STAGE_RE = re.compile(r"^\.step-(\d{9,18})\.tmp-[0-9a-f]+$")
+
+Status = Literal["valid", "incomplete", "invalid"]
 
 
 class CheckpointError(RuntimeError):
     """Checkpoints exist but cannot be used (none valid, unreadable on some rank, a bad
-    ``--resume`` URL): a permanent error, retrying will not help."""
+    ``--resume`` URL, another run's checkpoints): a permanent error, retrying will not help."""
 
 
 class SaveFailedError(RuntimeError):
@@ -61,14 +66,14 @@ class SaveFailedError(RuntimeError):
 
 
 class CorruptCheckpoint(CheckpointError):
-    """A checkpoint's files do not match its manifest."""
+    """A checkpoint's files do not match its manifest, or break the format."""
 
 
 def step_dir(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def _checksum(chunks: Iterable[memoryview | bytes]) -> str:
+def _checksum(chunks: list[memoryview] | list[bytes]) -> str:
     h = xxhash.xxh3_128()
     for chunk in chunks:
         h.update(chunk)
@@ -81,23 +86,20 @@ class CheckpointInfo:
 
     step: int
     name: str
-    status: str  # "valid" | "incomplete" | "corrupt"
+    status: Status
     problem: str | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def committed(self) -> bool:
-        """Whether a manifest exists (valid or not): the writer got as far as committing."""
-        return self.status != "incomplete" or bool(self.manifest)
+    manifest: Manifest | None = None
+    #: whether a manifest file exists (parsed or not): the writer got as far as committing
+    committed: bool = False
 
     @property
     def metric(self) -> float | None:
-        value = (self.manifest.get("metric") or {}).get("value")
-        return None if value is None else float(value)
+        m = self.manifest.meta.metric if self.manifest is not None else None
+        return None if m is None else m.value
 
     @property
     def size(self) -> int:
-        return sum(int(f["size"]) for f in self.manifest.get("files", []))
+        return self.manifest.size if self.manifest is not None else 0
 
 
 @dataclass
@@ -107,6 +109,10 @@ class LoadedCheckpoint:
     info: CheckpointInfo
     skeleton: Any
     tensors: list[torch.Tensor]
+
+    def state(self) -> Any:
+        """The state as it was saved (tensors in place of their references)."""
+        return unflatten_state(self.skeleton, self.tensors)
 
 
 class CheckpointStore:
@@ -124,22 +130,23 @@ class CheckpointStore:
         self.storage = storage
         self.shard_bytes = shard_bytes
         self.io_threads = io_threads
+        self._refused: set[str] = set()  # names already warned about (warn once each)
 
     # ------------------------------------------------------------------ writing
 
-    def save_state(self, step: int, state: Any, meta: dict[str, Any] | None = None
-                   ) -> CheckpointInfo:
+    def save_state(self, step: int, state: Any, meta: Meta | Mapping[str, Any] | None = None,
+                   *, replace: bool = False) -> CheckpointInfo:
         """Commit ``state`` (nested dicts/lists of tensors and plain values) as checkpoint
         ``step``, synchronously, writing straight from the tensors' memory: they must not change
         until this returns. See :meth:`write` for the errors."""
         skeleton, tensors = flatten_state(state)
         layout = plan_layout(tensors)
-        return self.write(step, TensorSource(tensors, layout), layout, skeleton, meta or {})
+        return self.write(step, TensorSource(tensors, layout), layout, skeleton, meta,
+                          replace=replace)
 
     def load_state(self, info: CheckpointInfo, subtree: str | None = None) -> Any:
         """Read, verify and rebuild the state saved in ``info`` (or one top-level subtree)."""
-        loaded = self.read(info, subtree)
-        return unflatten_state(loaded.skeleton, loaded.tensors)
+        return self.read(info, subtree).state()
 
     def latest(self) -> CheckpointInfo | None:
         """The newest checkpoint whose manifest parses and whose files have the listed sizes."""
@@ -147,57 +154,88 @@ class CheckpointStore:
         return valid[-1] if valid else None
 
     def write(self, step: int, source: ByteSource, layout: Layout, skeleton: Any,
-              meta: dict[str, Any]) -> CheckpointInfo:
-        """Write and commit checkpoint ``step``. FileExistsError if the step is already committed.
+              meta: Meta | Mapping[str, Any] | None, *, replace: bool = False) -> CheckpointInfo:
+        """Write and commit checkpoint ``step``.
 
         ``source`` holds ``layout``'s bytes; ``skeleton`` is the JSON-able rest of the state;
-        ``meta`` goes into the manifest (epoch, metric, config ...).
+        ``meta`` goes into the manifest (epoch, metric, config ...). An *invalid* committed
+        checkpoint of the same step is garbage to every reader and is replaced; a valid one
+        raises FileExistsError (another writer won), unless ``replace`` says to replace it too.
         """
+        if not isinstance(meta, Meta):
+            meta = Meta.parse(dict(meta or {}), "checkpoint metadata")
         token = uuid.uuid4().hex[:12]
         final = step_dir(step)
+        existing = self.inspect(step, final)
+        if existing.committed:
+            if existing.status == "valid" and not replace:
+                raise FileExistsError(final)
+            if existing.status != "valid":
+                log.warning("replacing the invalid checkpoint %s (%s)", final, existing.problem)
+            if not self.delete(existing):
+                raise FileExistsError(f"{final} cannot be replaced (see the warning above)")
         staged = f".{final}.tmp-{token}" if self.storage.supports_rename else final
-        if self.storage.exists(f"{final}/{MANIFEST}"):
-            raise FileExistsError(final)
-        if self.storage.supports_rename and self.storage.exists(final):
-            self.storage.delete_tree(final)  # an uncommitted leftover (e.g. a half-deleted one)
         try:
-            files = self._write_files(staged, token, source, layout, skeleton)
-            manifest = {"format": FORMAT, "version": VERSION, "step": step, "checksum": CHECKSUM,
-                        "created": time.time(), "state_file": f"state-{token}.json",
-                        "shard_bytes": self.shard_bytes,
-                        "files": files, **meta}
-            data = json.dumps(manifest, indent=1, allow_nan=False).encode()
-            self.storage.write_new(f"{staged}/{MANIFEST}", data)
+            manifest = self._write_files(step, staged, token, source, layout, skeleton, meta)
+            self.storage.write_new(f"{staged}/{MANIFEST}", manifest.to_bytes())
             if self.storage.supports_rename:
-                self.storage.rename_dir(staged, final)
+                self._commit_dir(staged, final, token)
         except BaseException:
             self._discard(staged, token)
             raise
-        return CheckpointInfo(step, final, "valid", None, manifest)
+        return CheckpointInfo(step, final, "valid", None, manifest, committed=True)
 
-    def _write_files(self, where: str, token: str, source: ByteSource, layout: Layout,
-                     skeleton: Any) -> list[dict[str, Any]]:
+    def _commit_dir(self, staged: str, final: str, token: str) -> None:
+        """Rename ``staged`` to ``final``. An uncommitted leftover in the way (a crashed delete)
+        is moved aside first; a committed ``final`` means another writer won: FileExistsError.
+        (An empty leftover is replaced by the rename itself.)"""
+        try:
+            self.storage.rename_dir(staged, final)
+            return
+        except FileExistsError:
+            pass
+        aside = f".{final}.tmp-{token}0"
+        if self.inspect(int(final[5:]), final).committed:
+            raise FileExistsError(final)
+        try:
+            self.storage.rename_dir(final, aside)
+        except FileNotFoundError:  # another writer moved it first: just try to commit
+            self.storage.rename_dir(staged, final)
+            return
+        if self.storage.exists(f"{aside}/{MANIFEST}"):  # a writer committed in between: undo
+            try:
+                self.storage.rename_dir(aside, final)
+            except OSError as exc:
+                log.warning("%s: a concurrent commit was moved to %s and cannot go back (%s)",
+                            final, aside, exc)
+            raise FileExistsError(final)
+        self.storage.delete_tree(aside)
+        self.storage.rename_dir(staged, final)
+
+    def _write_files(self, step: int, where: str, token: str, source: ByteSource,
+                     layout: Layout, skeleton: Any, meta: Meta) -> Manifest:
         source.prepare()
         self.storage.mkdir(where)
-        state = json.dumps({"skeleton": skeleton, "total": layout.total,
-                            "tensors": [e.to_json() for e in layout.entries]},
-                           allow_nan=False).encode()
+        state_name = f"state-{token}.json"
+        state = StateIndex(skeleton, layout.total, layout.entries).to_bytes()
         jobs: list[tuple[str, Callable[[], list[memoryview] | list[bytes]]]] = []
         for i, start in enumerate(range(0, layout.total, self.shard_bytes)):
             stop = min(start + self.shard_bytes, layout.total)
             jobs.append((f"shard-{i:05d}-{token}.bin",
                          lambda a=start, b=stop: source.segments(a, b)))
-        jobs.append((f"state-{token}.json", lambda: [state]))
+        jobs.append((state_name, lambda: [state]))
 
-        def put(job: tuple[str, Callable[[], list[memoryview] | list[bytes]]]) -> dict[str, Any]:
+        def put(job: tuple[str, Callable[[], list[memoryview] | list[bytes]]]) -> FileEntry:
             name, chunks_fn = job
             chunks = chunks_fn()
             digest = _checksum(chunks)
             self.storage.write(f"{where}/{name}", chunks)
-            return {"name": name, "size": sum(len(c) for c in chunks), "checksum": digest}
+            return FileEntry(name, sum(len(c) for c in chunks), digest)
 
         with ThreadPoolExecutor(max_workers=max(1, self.io_threads)) as pool:
-            return list(pool.map(put, jobs))
+            files = tuple(pool.map(put, jobs))
+        return Manifest(step=step, created=time.time(), state_file=state_name,
+                        shard_bytes=self.shard_bytes, files=files, meta=meta)
 
     def _discard(self, staged: str, token: str) -> None:
         """Remove what a failed or losing writer wrote (never another writer's files)."""
@@ -223,74 +261,102 @@ class CheckpointStore:
         return sorted(infos, key=lambda i: i.step)
 
     def inspect(self, step: int, name: str | None = None) -> CheckpointInfo:
-        """Classify one step directory without reading its data files."""
+        """Classify one step directory without reading its data files. Problems with what is
+        there are a status with a one-line reason, never an exception; storage trouble that
+        retries did not cure (network, credentials) is raised."""
         name = name or step_dir(step)
         try:
-            raw = self.storage.read(f"{name}/{MANIFEST}")
-        except FileNotFoundError:
+            raw = self.storage.read(f"{name}/{MANIFEST}", limit=MAX_MANIFEST_BYTES)
+        except (FileNotFoundError, NotADirectoryError):
             return CheckpointInfo(step, name, "incomplete", "no manifest (never committed)")
+        except (UnsafePath, StorageError, PermissionError, IsADirectoryError) as exc:
+            return CheckpointInfo(step, name, "invalid", f"manifest: {exc}", committed=True)
         try:
-            manifest = json.loads(raw)
-            if manifest.get("format") != FORMAT or int(manifest["step"]) != step:
-                raise ValueError("not a distrib manifest for this step")
-            files = manifest["files"]
-        except (ValueError, KeyError, TypeError) as exc:
-            return CheckpointInfo(step, name, "corrupt", f"manifest unreadable: {exc}")
-        if int(manifest.get("version", 0)) > VERSION:
-            return CheckpointInfo(step, name, "corrupt",
-                                  f"format version {manifest['version']} is newer than {VERSION}")
-        for f in files:
-            size = self.storage.size(f"{name}/{f['name']}")
-            if size != int(f["size"]):
-                problem = "missing" if size is None else f"{size} bytes, expected {f['size']}"
-                return CheckpointInfo(step, name, "incomplete", f"{f['name']}: {problem}", manifest)
-        return CheckpointInfo(step, name, "valid", None, manifest)
+            manifest = Manifest.parse(raw, step)
+        except InvalidCheckpoint as exc:
+            return CheckpointInfo(step, name, "invalid", str(exc), committed=True)
+        try:
+            sizes = self.storage.sizes(name) if len(manifest.files) > 2 else None
+        except (UnsafePath, PermissionError) as exc:
+            return CheckpointInfo(step, name, "invalid", str(exc), manifest, True)
+        for f in manifest.files:
+            try:
+                size = sizes.get(f.name) if sizes is not None else \
+                    self.storage.size(f"{name}/{f.name}")
+            except (UnsafePath, PermissionError) as exc:
+                return CheckpointInfo(step, name, "invalid", f"{f.name}: {exc}", manifest, True)
+            if size != f.size:
+                problem = "missing" if size is None else f"{size} bytes, expected {f.size}"
+                return CheckpointInfo(step, name, "invalid", f"{f.name}: {problem}", manifest,
+                                      True)
+        return CheckpointInfo(step, name, "valid", None, manifest, True)
 
     # ------------------------------------------------------------------ reading
 
     def read(self, info: CheckpointInfo, subtree: str | None = None) -> LoadedCheckpoint:
-        """Read and verify ``info``; CorruptCheckpoint on any mismatch.
+        """Read and verify ``info``; CorruptCheckpoint on any violation.
 
-        With ``subtree`` (a top-level key of the state, e.g. ``"model"``), only the shards that
-        hold its tensors are read (and verified), and only its tensors are materialised.
+        The state file's index is checked against the manifest (:class:`StateIndex`) before any
+        tensor is allocated. With ``subtree`` (a top-level key of the state, e.g. ``"model"``),
+        only the shards that hold its tensors are read (and verified), and only its tensors are
+        materialised.
         """
-        files = {f["name"]: f for f in info.manifest["files"]}
-        state_raw = self._read_verified(info, files[info.manifest["state_file"]])
-        try:
-            state = json.loads(state_raw)
-            layout = Layout(tuple(TensorEntry.from_json(e) for e in state["tensors"]),
-                            int(state["total"]))
-            skeleton = state["skeleton"] if subtree is None else state["skeleton"][subtree]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpoint(f"{info.name}: state file unreadable: {exc}") from None
-        sink = TensorSink(layout, None if subtree is None else tensor_indices(skeleton))
-        shard_bytes = int(info.manifest["shard_bytes"])
-        jobs = []
-        for i, name in enumerate(sorted(n for n in files if n.startswith("shard-"))):
-            start = i * shard_bytes
-            stop = start + int(files[name]["size"])
-            if subtree is None or sink.needs(start, stop):
-                jobs.append((files[name], start, stop))
+        index, skeleton = self._index(info, subtree)
+        sink = TensorSink(Layout(index.tensors, index.total),
+                          None if subtree is None else tensor_indices(skeleton))
+        self._read_shards(info, sink, all_shards=subtree is None)
+        return LoadedCheckpoint(info, skeleton, sink.tensors)  # type: ignore[arg-type]
 
-        def fetch(job: tuple[dict[str, Any], int, int]) -> None:
-            entry, start, stop = job
-            self._read_verified(info, entry, sink.segments(start, stop))
+    def verify(self, info: CheckpointInfo) -> None:
+        """Check every file's size and checksum and the tensor index, without keeping any
+        tensor; CorruptCheckpoint on the first violation."""
+        index, _ = self._index(info, None)
+        self._read_shards(info, TensorSink(Layout(index.tensors, index.total), set()),
+                          all_shards=True)
+
+    def _index(self, info: CheckpointInfo, subtree: str | None) -> tuple[StateIndex, Any]:
+        manifest = info.manifest
+        if info.status != "valid" or manifest is None:
+            raise CorruptCheckpoint(f"{info.name}: {info.status} ({info.problem})")
+        state_raw = self._read_verified(info, manifest.state)
+        try:
+            index = StateIndex.parse(state_raw, manifest)
+            skeleton = index.skeleton
+            if subtree is not None:
+                if not isinstance(skeleton, dict) or subtree not in skeleton:
+                    raise InvalidCheckpoint(f"state file: it holds no {subtree!r}")
+                skeleton = skeleton[subtree]
+        except InvalidCheckpoint as exc:
+            raise CorruptCheckpoint(f"{info.name}: {exc}") from None
+        return index, skeleton
+
+    def _read_shards(self, info: CheckpointInfo, sink: TensorSink, all_shards: bool) -> None:
+        assert info.manifest is not None
+        jobs, start = [], 0
+        for entry in info.manifest.shards:
+            stop = start + entry.size
+            if all_shards or sink.needs(start, stop):
+                jobs.append((entry, start, stop))
+            start = stop
+
+        def fetch(job: tuple[FileEntry, int, int]) -> None:
+            entry, a, b = job
+            self._read_verified(info, entry, sink.segments(a, b))
 
         with ThreadPoolExecutor(max_workers=max(1, self.io_threads)) as pool:
             list(pool.map(fetch, jobs))
-        return LoadedCheckpoint(info, skeleton, sink.tensors)  # type: ignore[arg-type]
 
-    def _read_verified(self, info: CheckpointInfo, entry: dict[str, Any],
+    def _read_verified(self, info: CheckpointInfo, entry: FileEntry,
                        into: list[memoryview] | None = None) -> bytes:
         """Read one listed file, check its size and checksum. With ``into`` the bytes land in
         those buffers (filled in order, each checksummed as it lands) and b"" is returned;
-        otherwise the bytes are returned."""
-        path = f"{info.name}/{entry['name']}"
+        otherwise the bytes are returned (never more than the listed size is read)."""
+        path = f"{info.name}/{entry.name}"
         digest = xxhash.xxh3_128()
         data = b""
         try:
             if into is None:
-                data = self.storage.read(path)
+                data = self.storage.read(path, limit=min(entry.size, MAX_STATE_BYTES))
                 digest.update(data)
                 size = len(data)
             else:
@@ -300,61 +366,84 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{path}: missing") from None
         except Exception as exc:
             raise CorruptCheckpoint(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-        if size != int(entry["size"]):
-            raise CorruptCheckpoint(f"{path}: {size} bytes, expected {entry['size']}")
-        if digest.hexdigest() != entry["checksum"]:
+        if size != entry.size:
+            raise CorruptCheckpoint(f"{path}: {size} bytes, expected {entry.size}")
+        if digest.hexdigest() != entry.checksum:
             raise CorruptCheckpoint(f"{path}: checksum mismatch (file damaged)")
         return data
 
-    def verify(self, info: CheckpointInfo) -> None:
-        """Check every file's size and checksum; CorruptCheckpoint on the first mismatch."""
-        for entry in info.manifest.get("files", []):
-            self._read_verified(info, entry)
-
     # ------------------------------------------------------------------ deleting
 
-    def delete(self, info: CheckpointInfo) -> None:
-        """Delete a checkpoint: the manifest first (it stops existing), then its files."""
-        self.storage.delete(f"{info.name}/{MANIFEST}")
-        self.storage.delete_tree(info.name)
+    def delete(self, info: CheckpointInfo) -> bool:
+        """Delete a checkpoint: the manifest first (it stops existing), then its files. A path
+        through a symbolic link is never followed: skipped with a warning (returns False)."""
+        try:
+            self.storage.delete(f"{info.name}/{MANIFEST}")
+            self.storage.delete_tree(info.name)
+        except UnsafePath as exc:
+            self._refuse(info.name, exc)
+            return False
+        return True
+
+    def _refuse(self, name: str, exc: BaseException) -> None:
+        if name not in self._refused:
+            self._refused.add(name)
+            log.warning("not deleting %s/%s: %s", self.storage.url, name, exc)
 
     def collect_orphans(self, newest_committed: int) -> list[str]:
-        """Remove uncommitted step and staging directories older than ``newest_committed``."""
+        """Remove staging directories and uncommitted step directories older than
+        ``newest_committed``; never one that holds a manifest, never through a link."""
         removed = []
         for name in self.storage.list(""):
             match = _STEP_RE.match(name) or _STAGE_RE.match(name)
             if not match or int(match.group(1)) >= newest_committed:
                 continue
-            if name.startswith(".") or not self.storage.exists(f"{name}/{MANIFEST}"):
-                self.storage.delete_tree(name)
-                removed.append(name)
+            try:
+                if name.startswith(".") or not self.storage.exists(f"{name}/{MANIFEST}"):
+                    self.storage.delete_tree(name)
+                    removed.append(name)
+            except UnsafePath as exc:
+                self._refuse(name, exc)
         return removed
 
     # ------------------------------------------------------------------ run completion
 
-    def mark_complete(self, info: dict[str, Any]) -> None:
-        self.storage.write(COMPLETE, [json.dumps(info, allow_nan=False).encode()])
+    def mark_complete(self, info: Mapping[str, Any]) -> None:
+        self.storage.write(COMPLETE, [json.dumps(dict(info), allow_nan=False).encode()])
 
     def completion(self) -> dict[str, Any] | None:
-        """The COMPLETE marker's content, or None if the run has not finished."""
+        """The COMPLETE marker's content, or None if the run has not finished. A marker that
+        does not parse is ignored with a warning: the checkpoints decide instead."""
         try:
-            return dict(json.loads(self.storage.read(COMPLETE)))
+            raw = self.storage.read(COMPLETE, limit=MAX_MARKER_BYTES)
+            return parse_marker(raw, COMPLETE, _COMPLETE_FIELDS)
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {"unreadable": True}
+        except (InvalidCheckpoint, StorageError, IsADirectoryError) as exc:
+            log.warning("ignoring %s/%s: %s", self.storage.url, COMPLETE, exc)
+            return None
 
     def clear_complete(self) -> None:
-        self.storage.delete(COMPLETE)
-        self.storage.delete(PROGRESS)
+        for name in (COMPLETE, PROGRESS):
+            try:
+                self.storage.delete(name)
+            except UnsafePath as exc:
+                self._refuse(name, exc)
 
-    def write_progress(self, info: dict[str, Any]) -> None:
+    def write_progress(self, info: Mapping[str, Any]) -> None:
         """Overwrite the progress heartbeat (how far the running job got)."""
-        self.storage.write(PROGRESS, [json.dumps(info).encode()])
+        self.storage.write(PROGRESS, [json.dumps(dict(info), allow_nan=False).encode()])
 
     def progress(self) -> dict[str, Any] | None:
-        """The last heartbeat, or None."""
+        """The last heartbeat, or None (also when it does not parse)."""
         try:
-            return dict(json.loads(self.storage.read(PROGRESS)))
-        except (FileNotFoundError, ValueError):
+            raw = self.storage.read(PROGRESS, limit=MAX_MARKER_BYTES)
+            return parse_marker(raw, PROGRESS, _PROGRESS_FIELDS)
+        except (FileNotFoundError, InvalidCheckpoint, StorageError, IsADirectoryError):
             return None
+
+
+_COMPLETE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int, "epoch": int, "reason": str, "config": dict, "config_fingerprint": str}
+_PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int, "epoch": int, "time": (int, float), "reason": str}

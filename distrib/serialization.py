@@ -25,14 +25,21 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-ALIGN = 64
+from distrib.format import (ALIGN, DTYPES, MAX_DEPTH, InvalidCheckpoint, TensorEntry,
+                            check_depth)
+
 _TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__")
 
 
 def flatten_state(obj: Any) -> tuple[Any, list[torch.Tensor]]:
     """Split ``obj`` into a JSON-able skeleton and the list of tensors it references."""
     tensors: list[torch.Tensor] = []
-    return _encode(obj, tensors, "state"), tensors
+    skeleton = _encode(obj, tensors, "state")
+    try:  # what a reader would refuse must not be written: the state file wraps it once more
+        check_depth(skeleton, "state", MAX_DEPTH - 1)
+    except InvalidCheckpoint as exc:
+        raise TypeError(f"cannot checkpoint this state: {exc}") from None
+    return skeleton, tensors
 
 
 def _encode(obj: Any, tensors: list[torch.Tensor], where: str) -> Any:
@@ -87,24 +94,6 @@ def _freeze(key: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor's bytes lie in the stream."""
-
-    offset: int
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
-
-    def to_json(self) -> list[Any]:
-        return [self.offset, self.nbytes, self.dtype, list(self.shape)]
-
-    @staticmethod
-    def from_json(raw: list[Any]) -> "TensorEntry":
-        offset, nbytes, dtype, shape = raw
-        return TensorEntry(int(offset), int(nbytes), str(dtype), tuple(int(s) for s in shape))
-
-
-@dataclass(frozen=True)
 class Layout:
     """The placement of every tensor in one byte stream of ``total`` bytes."""
 
@@ -116,6 +105,9 @@ def plan_layout(tensors: list[torch.Tensor]) -> Layout:
     """Place ``tensors`` one after another, each at a 64-byte aligned offset."""
     entries, offset = [], 0
     for t in tensors:
+        if str(t.dtype).removeprefix("torch.") not in DTYPES:
+            raise TypeError(f"cannot checkpoint a tensor of dtype {t.dtype} (allowed: "
+                            f"{', '.join(DTYPES)})")
         nbytes = t.numel() * t.element_size()
         entries.append(TensorEntry(offset, nbytes, str(t.dtype).removeprefix("torch."),
                                    tuple(t.shape)))
@@ -124,9 +116,10 @@ def plan_layout(tensors: list[torch.Tensor]) -> Layout:
 
 
 def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
+    """The torch dtype of an allow-listed name (:data:`distrib.format.DTYPES`)."""
+    dtype = getattr(torch, name, None) if name in DTYPES else None
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {name!r} in checkpoint")
+        raise ValueError(f"tensor dtype {name!r} is not allowed in a checkpoint")
     return dtype
 
 
