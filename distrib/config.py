@@ -20,11 +20,12 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Literal, Mapping, NoReturn, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,15 +37,25 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message is one line meant for the user."""
 
 
+Resume = Literal["fixed", "logged", "ignored"]
+
+
 def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None,
-         metavar: str | None = None, fingerprint: bool = True, flag: str | None = None) -> Any:
-    """Declare an option: its default, help text, allowed choices.
+         metavar: str | None = None, fingerprint: bool = True, flag: str | None = None,
+         lo: float | None = None, hi: float | None = None, gt: float | None = None,
+         resume: Resume = "logged") -> Any:
+    """Declare an option: its default, help text, allowed choices and range.
 
     ``fingerprint=False`` marks options that do not change the training trajectory (paths,
-    logging, retention); they are left out of :meth:`Config.fingerprint`.
+    logging, retention); they are left out of :meth:`Config.fingerprint`. Numbers must lie in
+    ``[lo, hi]`` (and be ``> gt``); every number must be finite. ``resume`` says what a
+    different value on resume means (:func:`resume_differences`): ``fixed`` options shape the
+    model, the data, the optimizer or the seed (an error unless ``--allow-config-change``),
+    ``logged`` ones may change between launches, ``ignored`` ones belong to one launch.
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None,
-            "metavar": metavar, "fingerprint": fingerprint, "flag": flag}
+            "metavar": metavar, "fingerprint": fingerprint, "flag": flag, "lo": lo, "hi": hi,
+            "gt": gt, "resume": resume}
     if isinstance(default, (dict, list)):
         factory: Callable[[], Any] = (lambda d=default: type(d)(d))
         return field(default_factory=factory, metadata=meta)
@@ -63,16 +74,70 @@ def _fail(name: str, message: str) -> NoReturn:
     raise ConfigError(f"{flag_name(name)}: {message}")
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        _fail(name, f"must be a finite number (got {value})")
-    if value < 0 or (value == 0 and not allow_zero):
-        _fail(name, f"must be {'>= 0' if allow_zero else '> 0'} (got {value})")
-
-
 def _choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         _fail(name, f"invalid choice {value!r} (choose from {', '.join(choices)})")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_fields(section: Any) -> None:
+    """Type, choice and range checks declared with :func:`_opt`, for every field of a section
+    (so a section built in Python is checked as strictly as a command line). Ints given for
+    float options become floats; tuples and dicts are normalised."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        base, optional = _field_type(f)
+        if value is None and optional:
+            continue
+        value = _check_type(f.name, base, value)
+        object.__setattr__(section, f.name, value)
+        meta = f.metadata
+        if meta["choices"]:
+            _choice(f.name, value, meta["choices"])
+        if base in (int, float):
+            _check_range(f.name, value, meta["lo"], meta["hi"], meta["gt"])
+
+
+def _check_type(name: str, base: Any, value: Any) -> Any:
+    origin = typing.get_origin(base)
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = type(value) is int
+    elif base is float:
+        ok = type(value) in (int, float)
+        value = float(value) if ok else value
+    elif base is str:
+        ok = isinstance(value, str) and "\0" not in value
+    elif origin is tuple:
+        ok = isinstance(value, (tuple, list)) and all(
+            type(v) in (int, float) for v in value)
+        value = tuple(float(v) for v in value) if ok else value
+    else:  # dict[str, str]
+        ok = isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+        value = {k: str(v) for k, v in value.items()} if ok else value
+    if not ok:
+        _fail(name, f"expected {_type_word(base, False)}, got {value!r}")
+    return value
+
+
+def _check_range(name: str, value: float, lo: float | None, hi: float | None,
+                 gt: float | None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(name, f"must be a finite number (got {value})")
+    if gt is not None and value <= gt:
+        _fail(name, f"must be > {_fmt(gt)} (got {_fmt(value)})")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if hi is None:
+            _fail(name, f"must be >= {_fmt(lo)} (got {_fmt(value)})")  # type: ignore[arg-type]
+        low = "" if lo is None else _fmt(lo)
+        _fail(name, f"must be in [{low}, {_fmt(hi)}] (got {_fmt(value)})")
+
+
+_BIG = 10**15  # steps, epochs: beyond any real run, small enough for JSON and float64
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -89,58 +154,58 @@ class TrainConfig:
 
     task: str = _opt("distrib.tasks.classifier:build",
                      "the task to train, as MODULE:FUNCTION; the function receives the Config and "
-                     "returns a distrib.Task", metavar="MODULE:FUNCTION")
+                     "returns a distrib.Task", metavar="MODULE:FUNCTION", resume="fixed")
     task_args: dict[str, str] = _opt({}, "a task-specific option KEY=VALUE (repeatable); the task "
                                      "reads them from config.train.task_args", metavar="KEY=VALUE",
-                                     flag="--task-arg")
+                                     flag="--task-arg", resume="fixed")
     loss: str = _opt("auto", "loss function, for tasks that offer several ('auto': the task's "
-                     "default; sequence task: mse, l1, smooth-l1)", choices=LOSSES)
-    seed: int = _opt(0, "seed for data, model init, sampler order and every RNG")
-    max_epochs: int = _opt(20, "stop after this many epochs")
-    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit)")
+                     "default; sequence task: mse, l1, smooth-l1)", choices=LOSSES,
+                     resume="fixed")
+    seed: int = _opt(0, "seed for data, model init, sampler order and every RNG", lo=0,
+                     hi=2**32 - 1, resume="fixed")
+    max_epochs: int = _opt(20, "stop after this many epochs", lo=1, hi=_BIG)
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: no limit)", lo=0, hi=_BIG)
     batch_size: int = _opt(64, "samples per rank per micro-step (the global batch is "
-                           "batch-size x world size x grad-accum-steps)")
+                           "batch-size x world size x grad-accum-steps)", lo=1, hi=2**24,
+                           resume="fixed")
     grad_accum_steps: int = _opt(1, "micro-steps per optimizer step; gradients are synchronised "
-                                 "across ranks only on the last one")
-    eval_every_epochs: int = _opt(1, "run validation every N epochs (and after the last one)")
-    num_workers: int = _opt(0, "data-loader worker processes per rank", fingerprint=False)
+                                 "across ranks only on the last one", lo=1, hi=10**6,
+                                 resume="fixed")
+    eval_every_epochs: int = _opt(1, "run validation every N epochs (and after the last one)",
+                                  lo=1, hi=_BIG)
+    num_workers: int = _opt(0, "data-loader worker processes per rank", fingerprint=False,
+                            lo=0, hi=256)
     precision: str = _opt("32", "32-bit, bfloat16 autocast, or float16 autocast with a GradScaler",
-                          choices=PRECISIONS)
-    clip_grad_norm: float | None = _opt(None, "clip the global gradient norm to this value")
-    clip_grad_value: float | None = _opt(None, "clip every gradient element to [-v, v]")
+                          choices=PRECISIONS, resume="fixed")
+    clip_grad_norm: float | None = _opt(None, "clip the global gradient norm to this value",
+                                        gt=0, resume="fixed")
+    clip_grad_value: float | None = _opt(None, "clip every gradient element to [-v, v]", gt=0,
+                                         resume="fixed")
     dist_timeout: float = _opt(300.0, "seconds a collective may wait for a peer before the job "
                                "fails (a rank that died does not hang the others forever)",
-                               fingerprint=False)
+                               fingerprint=False, lo=1, hi=7 * 86400)
 
     def __post_init__(self) -> None:
-        if ":" not in self.task or self.task.startswith(":") or self.task.endswith(":"):
+        _check_fields(self)
+        module, _, func = self.task.partition(":")
+        if not module.strip() or not func.strip():
             _fail("task", f"must be MODULE:FUNCTION (got {self.task!r})")
-        _choice("loss", self.loss, LOSSES)
-        _choice("precision", self.precision, PRECISIONS)
-        for name in ("max_epochs", "batch_size", "grad_accum_steps", "eval_every_epochs"):
-            _positive(name, getattr(self, name))
-        for name in ("max_steps", "num_workers", "seed"):
-            _positive(name, getattr(self, name), allow_zero=True)
-        for name in ("clip_grad_norm", "clip_grad_value", "dist_timeout"):
-            if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OptimConfig:
     """The optimizer (ignored when the task brings its own optimizer factory)."""
 
-    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
-    lr: float = _opt(1e-3, "peak learning rate")
-    weight_decay: float = _opt(0.0, "weight decay (decoupled for adamw)")
-    momentum: float = _opt(0.9, "momentum for sgd and rmsprop")
-    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam/AdamW betas as B1,B2", metavar="B1,B2")
+    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS, resume="fixed")
+    lr: float = _opt(1e-3, "peak learning rate", gt=0, resume="fixed")
+    weight_decay: float = _opt(0.0, "weight decay (decoupled for adamw)", lo=0, resume="fixed")
+    momentum: float = _opt(0.9, "momentum for sgd and rmsprop", lo=0, resume="fixed")
+    betas: tuple[float, float] = _opt((0.9, 0.999), "Adam/AdamW betas as B1,B2", metavar="B1,B2",
+                                      resume="fixed")
 
     def __post_init__(self) -> None:
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _positive("lr", self.lr)
-        _positive("weight_decay", self.weight_decay, allow_zero=True)
-        if not 0.0 <= self.momentum < 1.0:
+        _check_fields(self)
+        if self.momentum >= 1.0:
             _fail("momentum", f"must be in [0, 1) (got {self.momentum})")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             _fail("betas", f"must be two numbers in [0, 1) (got {self.betas})")
@@ -153,23 +218,20 @@ class SchedConfig:
     scheduler: str = _opt("none", "'step': multiply by gamma every step-size epochs; 'cosine': "
                           "cosine decay to min-lr over the run's optimizer steps; 'plateau': "
                           "multiply by plateau-factor when the monitored metric stalls; "
-                          "'warmup-cosine': linear warm-up then cosine", choices=SCHEDULERS)
-    step_size: int = _opt(5, "epochs between decays (step)")
-    gamma: float = _opt(0.1, "decay factor (step)")
-    min_lr: float = _opt(0.0, "final learning rate (cosine, warmup-cosine)")
-    warmup_steps: int = _opt(100, "optimizer steps of linear warm-up (warmup-cosine)")
-    plateau_factor: float = _opt(0.1, "decay factor (plateau)")
-    plateau_patience: int = _opt(2, "evaluations without improvement before a decay (plateau)")
+                          "'warmup-cosine': linear warm-up then cosine", choices=SCHEDULERS,
+                          resume="fixed")
+    step_size: int = _opt(5, "epochs between decays (step)", lo=1, hi=_BIG, resume="fixed")
+    gamma: float = _opt(0.1, "decay factor (step)", gt=0, hi=1, resume="fixed")
+    min_lr: float = _opt(0.0, "final learning rate (cosine, warmup-cosine)", lo=0,
+                         resume="fixed")
+    warmup_steps: int = _opt(100, "optimizer steps of linear warm-up (warmup-cosine)", lo=0,
+                             hi=_BIG, resume="fixed")
+    plateau_factor: float = _opt(0.1, "decay factor (plateau)", gt=0, hi=1, resume="fixed")
+    plateau_patience: int = _opt(2, "evaluations without improvement before a decay (plateau)",
+                                 lo=0, hi=_BIG, resume="fixed")
 
     def __post_init__(self) -> None:
-        _choice("scheduler", self.scheduler, SCHEDULERS)
-        _positive("step_size", self.step_size)
-        _positive("min_lr", self.min_lr, allow_zero=True)
-        _positive("warmup_steps", self.warmup_steps, allow_zero=True)
-        _positive("plateau_patience", self.plateau_patience, allow_zero=True)
-        for name in ("gamma", "plateau_factor"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                _fail(name, f"must be in (0, 1] (got {getattr(self, name)})")
+        _check_fields(self)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -180,37 +242,47 @@ class CheckpointConfig:
                                "URL (file://, s3://bucket/prefix, memory://)", metavar="URL",
                                fingerprint=False)
     save_every_steps: int = _opt(0, "checkpoint every N optimizer steps (0: off)",
-                                 fingerprint=False)
+                                 fingerprint=False, lo=0, hi=_BIG)
     save_every_epochs: int = _opt(1, "checkpoint at the end of every N epochs (0: off; the last "
-                                  "epoch is always saved)", fingerprint=False)
-    keep_last: int = _opt(3, "keep the newest K checkpoints", fingerprint=False)
-    keep_best: int = _opt(0, "also keep the K best checkpoints by --monitor", fingerprint=False)
+                                  "epoch is always saved)", fingerprint=False, lo=0, hi=_BIG)
+    keep_last: int = _opt(3, "keep the newest K checkpoints", fingerprint=False, lo=1, hi=10**6)
+    keep_best: int = _opt(0, "also keep the K best checkpoints by --monitor", fingerprint=False,
+                          lo=0, hi=10**6)
     async_save: bool = _opt(True, "write checkpoints in a background thread after a quick "
                             "in-memory snapshot", fingerprint=False)
-    shard_size_mb: float = _opt(256.0, "largest checkpoint shard file, in MB", fingerprint=False)
-    max_failed_saves: int = _opt(3, "end the job after this many consecutive failed saves",
-                                 fingerprint=False)
+    shard_size_mb: float = _opt(256.0, "largest checkpoint shard file, in MB", fingerprint=False,
+                                lo=0.001, hi=2**20)
+    max_failed_saves: int = _opt(3, "end the job after this many consecutive failed saves "
+                                 "(a save that commits resets the count)", fingerprint=False,
+                                 lo=1, hi=10**6)
     resume: str = _opt("auto", "'auto': continue from the newest valid checkpoint in "
                        "--checkpoint-dir if there is one; 'never': start fresh (refuses a "
                        "directory holding checkpoints unless --force-restart); or the URL of one "
-                       "step-N checkpoint directory to load", metavar="auto|never|URL",
-                       fingerprint=False)
+                       "step-N checkpoint directory to start from when --checkpoint-dir holds "
+                       "none yet", metavar="auto|never|URL", fingerprint=False, resume="ignored")
     force_restart: bool = _opt(False, "delete the checkpoints in --checkpoint-dir and start over "
-                               "(also after a finished run)", fingerprint=False)
+                               "(also after a finished run)", fingerprint=False,
+                               resume="ignored")
+    allow_config_change: bool = _opt(False, "resume even though options that shape the model, "
+                                     "the data, the optimizer or the seed differ from the "
+                                     "checkpoint's (the differences are logged)",
+                                     fingerprint=False, resume="ignored")
+    lease_timeout: float = _opt(60.0, "seconds without a heartbeat after which another run's "
+                                "lease on --checkpoint-dir counts as stale (0: no lease)",
+                                fingerprint=False, lo=0, hi=86400)
     storage_options: dict[str, str] = _opt({}, "an fsspec storage option KEY=VALUE (repeatable; "
                                            "values are parsed as JSON when they can be)",
                                            metavar="KEY=VALUE", fingerprint=False,
                                            flag="--storage-option")
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if not self.checkpoint_dir.strip():
             _fail("checkpoint_dir", "must not be empty")
         if not self.resume.strip():
             _fail("resume", "must be auto, never or a checkpoint URL")
-        for name in ("save_every_steps", "save_every_epochs", "keep_best"):
-            _positive(name, getattr(self, name), allow_zero=True)
-        for name in ("keep_last", "shard_size_mb", "max_failed_saves"):
-            _positive(name, getattr(self, name))
+        if 0 < self.lease_timeout < 1:
+            _fail("lease_timeout", f"must be 0 (off) or at least 1 (got {self.lease_timeout:g})")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -218,31 +290,24 @@ class EarlyStopConfig:
     """The monitored metric (early stopping, the plateau schedule, the best checkpoint)."""
 
     monitor: str = _opt("val_loss", "the metric that decides 'better': val_loss, train_loss or "
-                        "val_<name> for a metric the task reports")
+                        "val_<name> for a metric the task reports", resume="fixed")
     mode: str = _opt("min", "whether lower (min) or higher (max) values of --monitor are better",
-                     choices=MODES)
+                     choices=MODES, resume="fixed")
     early_stop: bool = _opt(True, "stop when --monitor stops improving")
-    patience: int = _opt(3, "evaluations without improvement before stopping")
-    min_delta: float = _opt(0.0, "an improvement must beat the best by more than this")
+    patience: int = _opt(3, "evaluations without improvement before stopping", lo=0, hi=_BIG)
+    min_delta: float = _opt(0.0, "an improvement must beat the best by more than this", lo=0)
     stopping_threshold: float | None = _opt(None, "stop once --monitor is better than this")
     divergence_threshold: float | None = _opt(None, "stop once --monitor is worse than this")
     check_finite: bool = _opt(True, "stop when --monitor is NaN or infinite")
     baseline: float | None = _opt(None, "improvements count only once they beat this value")
-    start_from_epoch: int = _opt(0, "ignore the evaluations of the first N epochs")
+    start_from_epoch: int = _opt(0, "ignore the evaluations of the first N epochs", lo=0,
+                                 hi=_BIG)
     restore_best: bool = _opt(False, "end with the weights of the best evaluation")
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if not self.monitor.strip():
             _fail("monitor", "must name a metric")
-        _choice("mode", self.mode, MODES)
-        _positive("patience", self.patience, allow_zero=True)
-        _positive("start_from_epoch", self.start_from_epoch, allow_zero=True)
-        if not math.isfinite(self.min_delta) or self.min_delta < 0:
-            _fail("min_delta", f"must be a finite number >= 0 (got {self.min_delta})")
-        for name in ("stopping_threshold", "divergence_threshold", "baseline"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                _fail(name, f"must be a finite number (got {value})")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -250,11 +315,11 @@ class LogConfig:
     """Progress and logging."""
 
     progress: bool = _opt(True, "a progress bar on rank 0 (only when stdout is a terminal)",
-                          fingerprint=False)
+                          fingerprint=False, resume="ignored")
     log_level: str = _opt("info", "log level of rank 0 (other ranks log warnings and errors only)",
                           choices=LOG_LEVELS, fingerprint=False)
     log_every_steps: int = _opt(50, "log and record the running train loss every N optimizer "
-                                "steps (0: off)", fingerprint=False)
+                                "steps (0: off)", fingerprint=False, lo=0, hi=_BIG)
     log_dir: str = _opt("", "where rank 0 writes the run records (JSON lines): a local path or an "
                         "fsspec URL; empty: <checkpoint-dir>/logs", metavar="URL",
                         fingerprint=False)
@@ -263,10 +328,9 @@ class LogConfig:
                              fingerprint=False)
 
     def __post_init__(self) -> None:
-        _choice("log_level", self.log_level, LOG_LEVELS)
+        _check_fields(self)
         if self.log_dir != self.log_dir.strip():
             _fail("log_dir", f"must not start or end with spaces (got {self.log_dir!r})")
-        _positive("log_every_steps", self.log_every_steps, allow_zero=True)
 
 
 SECTIONS: dict[str, type] = {
@@ -354,6 +418,36 @@ class Config:
                     if OPTION_INDEX[name][1].metadata["fingerprint"]}
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resume_differences(saved: Mapping[str, Any], current: Config) -> tuple[list[str], list[str]]:
+    """Compare the configuration a checkpoint was saved with (its public dict, as in the
+    manifest) with ``current``: ``(fixed, logged)`` lists of ``--flag OLD -> NEW`` for the options
+    whose value differs, split by their ``resume`` class (see :func:`_opt`). Options the saved
+    configuration does not name (an older distrib) are not compared."""
+    fixed: list[str] = []
+    logged: list[str] = []
+    for name, value in current.to_public_dict().items():
+        kind = OPTION_INDEX[name][1].metadata["resume"]
+        if kind == "ignored" or name not in saved or _same(saved[name], value):
+            continue
+        text = f"{flag_name(name)} {_show_value(saved[name])} -> {_show_value(value)}"
+        (fixed if kind == "fixed" else logged).append(text)
+    return fixed, logged
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) \
+            and not isinstance(old, bool) and not isinstance(new, bool):
+        return float(old) == float(new)
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new))
+    return bool(old == new)
+
+
+def _show_value(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 OPTION_INDEX: dict[str, tuple[str, dataclasses.Field[Any]]] = {
@@ -533,17 +627,49 @@ def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> No
     group.add_argument(flag_name(f.name), type=_optional(kind) if optional else kind, **kw)
 
 
+def markdown_options() -> str:
+    """The README's option tables (one per section), generated from the declarations."""
+    out = []
+    for section, cls in SECTIONS.items():
+        title = SECTION_TITLES[section]
+        out += [f"**{title[0].upper()}{title[1:]}**", "", "| flag | default | meaning |",
+                "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            base, optional = _field_type(f)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = ("off" if default is None else "none" if default == {} else
+                     ",".join(map(str, default)) if isinstance(default, tuple) else str(default))
+            flag = flag_name(f.name)
+            if base is bool:
+                flag = f"{flag} / --no-{flag[2:]}"
+            elif f.metadata["choices"]:
+                flag = f"{flag} {{{','.join(f.metadata['choices'])}}}"
+            # <placeholders> would read as HTML tags: code spans
+            meaning = re.sub(r"([^\s(]*<[a-z_-]+>[^\s;,)]*)", r"`\1`", f.metadata["help"])
+            out.append(f"| `{flag}` | `{shown}` | {meaning} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
 def read_toml(path: str) -> dict[str, Any]:
     """Read a TOML config file; any problem is a :class:`ConfigError` naming the file."""
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(_MAX_TOML + 1)
+        if len(data) > _MAX_TOML:
+            raise ConfigError(f"--config: {path} is larger than {_MAX_TOML >> 20} MB")
+        return tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"--config: file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"--config: {path} is nested too deeply") from None
     except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
+
+
+_MAX_TOML = 1 << 20
 
 
 def config_from_namespace(ns: argparse.Namespace) -> Config:

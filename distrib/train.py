@@ -1,16 +1,16 @@
 """``python -m distrib.train`` (and ``torchrun ... -m distrib.train``): the training command.
 
 Everything the user can get wrong is checked before the process group exists and before anything
-is written: flags and the config file (argparse, :mod:`distrib.config`), the schemes of the
-checkpoint and log URLs, the tensorboard package for ``--tensorboard``, the task import, the
-task's own option checks and the monitored metric. Each problem is one line on stderr and exit
+is written: flags and the config file (argparse, :mod:`distrib.config`, every value range-checked),
+the checkpoint and log locations (:mod:`distrib.preflight`: scheme, storage options, a writable
+directory, the bucket, the credentials), the tensorboard package for ``--tensorboard``, the task
+import, the task's own option checks and the monitored metric. Each problem is one line on stderr and exit
 code 2 (:data:`distrib.exitcodes.PERMANENT`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
@@ -34,20 +34,10 @@ def prepare(argv: Sequence[str] | None) -> tuple[Config, "object", bool]:
     was asked for. Raises ConfigError (argparse exits 2 on an unknown flag)."""
     ns = build_parser(PROG, extra=_extra_flags).parse_args(argv)
     config = config_from_namespace(ns)
-    from distrib.storage import check_url
+    from distrib.preflight import check_locations
     from distrib.tasks import build_task
 
-    for flag, url in (("--checkpoint-dir", config.ckpt.checkpoint_dir),
-                      ("--resume", config.ckpt.resume), ("--log-dir", config.log.log_dir)):
-        if (flag, url) in (("--resume", "auto"), ("--resume", "never"), ("--log-dir", "")):
-            continue
-        try:
-            check_url(url)
-        except ValueError as exc:
-            raise ConfigError(f"{flag}: {exc}") from None
-    if config.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard: the tensorboard package is not installed "
-                          "(pip install 'distrib[tensorboard]')")
+    check_locations(config)
     task = build_task(config)
     from distrib.trainer import Trainer
 

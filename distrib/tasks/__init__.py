@@ -14,6 +14,7 @@ value per sample; the trainer averages them exactly over the whole validation se
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -77,26 +78,52 @@ def resolve_builder(spec: str) -> TaskBuilder:
 
 
 def build_task(config: Config) -> Task:
-    """Seed torch, call the configured builder, and check that it returned a :class:`Task`."""
+    """Seed torch, call the configured builder, and check that it returned a :class:`Task`.
+
+    Any error the builder raises is a :class:`ConfigError` (the command line's exit code 2): a
+    task that cannot be built from these options will not build on a retry either.
+    """
     builder = resolve_builder(config.train.task)
     torch.manual_seed(config.train.seed)
-    task = builder(config)
+    try:
+        task = builder(config)
+    except ConfigError:
+        raise
+    except (Exception, MemoryError) as exc:
+        raise ConfigError(f"--task: {config.train.task} failed: {type(exc).__name__}: "
+                          f"{str(exc)[:300]}") from None
     if not isinstance(task, Task):
         raise ConfigError(f"--task: {config.train.task} returned {type(task).__name__}, "
                           "expected a distrib.Task")
     return task
 
 
-def task_arg(config: Config, key: str, kind: Callable[[str], Any], default: Any) -> Any:
-    """Read a ``--task-arg KEY=VALUE`` option, converted with ``kind``; ConfigError if malformed."""
+def task_arg(config: Config, key: str, kind: Callable[[str], Any], default: Any, *,
+             lo: float | None = None, hi: float | None = None) -> Any:
+    """Read a ``--task-arg KEY=VALUE`` option, converted with ``kind`` and, for numbers, checked
+    to be finite and within ``[lo, hi]``; ConfigError if not."""
     raw = config.train.task_args.get(key)
     if raw is None:
         return default
     try:
-        return kind(raw)
+        value = kind(raw)
     except ValueError:
         raise ConfigError(f"--task-arg: {key}={raw!r} is not a valid "
                           f"{getattr(kind, '__name__', 'value')}") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or (lo is not None and value < lo) or \
+                (hi is not None and value > hi):
+            bounds = f"[{'' if lo is None else f'{lo:.12g}'}, {'' if hi is None else f'{hi:.12g}'}]"
+            raise ConfigError(f"--task-arg: {key} must be a finite number in {bounds} "
+                              f"(got {raw})")
+    return value
+
+
+def check_memory(config: Config, nbytes: float, limit: float = 16e9) -> None:
+    """ConfigError if a built-in task's options would need more than ``limit`` bytes."""
+    if nbytes > limit:
+        raise ConfigError(f"--task-arg: these sizes need about {nbytes / 1e9:.0f} GB for "
+                          f"{config.train.task} (at most {limit / 1e9:.0f} GB allowed)")
 
 
 def check_task_args(config: Config, known: Iterable[str]) -> None:

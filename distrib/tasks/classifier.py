@@ -16,12 +16,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from distrib.config import Config, ConfigError
-from distrib.tasks import Task, check_task_args, task_arg
+from distrib.tasks import Task, check_memory, check_task_args, task_arg
 
 # Tuned so that with the default optimizer (AdamW, lr 1e-3, 2 ranks x 64) validation loss bottoms
 # out around epoch 4 and then climbs while training loss keeps falling.
 _DEFAULTS = {"train_samples": 16384, "val_samples": 4096, "features": 32, "classes": 8,
              "hidden": 1024, "label_noise": 0.2, "dropout": 0.0}
+# (lo, hi) of each option; dropout must stay below 1
+_RANGES = {"train_samples": (1, 10**8), "val_samples": (1, 10**8), "features": (1, 2**20),
+           "classes": (2, 2**20), "hidden": (1, 2**20), "label_noise": (0, 1),
+           "dropout": (0, 0.999)}
 _CLUSTERS_PER_CLASS = 16
 _CLUSTER_SPREAD = 0.6
 
@@ -49,13 +53,15 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def build(config: Config) -> Task:
     """Build the classifier task from ``config`` (see the module docstring for its options)."""
     check_task_args(config, _DEFAULTS)
-    opts = {k: task_arg(config, k, type(v), v) for k, v in _DEFAULTS.items()}
+    opts = {k: task_arg(config, k, type(v), v, lo=_RANGES[k][0], hi=_RANGES[k][1])
+            for k, v in _DEFAULTS.items()}
     if config.train.loss not in ("auto", "cross-entropy"):
         raise ConfigError(f"--loss: the classifier task supports auto or cross-entropy "
                           f"(got {config.train.loss})")
-    for key in ("train_samples", "val_samples", "features", "classes", "hidden"):
-        if opts[key] < 1:
-            raise ConfigError(f"--task-arg: {key} must be >= 1 (got {opts[key]})")
+    features, hidden, classes = opts["features"], opts["hidden"], opts["classes"]
+    params = features * hidden + hidden * hidden + hidden * classes
+    check_memory(config, 4 * (features * (opts["train_samples"] + opts["val_samples"])
+                              + 4 * params))  # data, and weights + grads + Adam's two moments
     train, val = make_dataset(config.train.seed, opts["train_samples"], opts["val_samples"],
                               opts["features"], opts["classes"], opts["label_noise"])
     hidden = opts["hidden"]

@@ -16,9 +16,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from distrib.config import Config, ConfigError
-from distrib.tasks import Task, check_task_args, task_arg
+from distrib.tasks import Task, check_memory, check_task_args, task_arg
 
 _DEFAULTS = {"train_samples": 2048, "val_samples": 512, "window": 32, "hidden": 32, "noise": 0.05}
+_RANGES = {"train_samples": (1, 10**8), "val_samples": (1, 10**8), "window": (1, 2**16),
+           "hidden": (1, 2**16), "noise": (0, 1e6)}
 _LOSSES = {"auto": nn.MSELoss, "mse": nn.MSELoss, "l1": nn.L1Loss, "smooth-l1": nn.SmoothL1Loss}
 
 
@@ -55,13 +57,14 @@ def absolute_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def build(config: Config) -> Task:
     """Build the sequence task from ``config`` (see the module docstring for its options)."""
     check_task_args(config, _DEFAULTS)
-    opts = {k: task_arg(config, k, type(v), v) for k, v in _DEFAULTS.items()}
+    opts = {k: task_arg(config, k, type(v), v, lo=_RANGES[k][0], hi=_RANGES[k][1])
+            for k, v in _DEFAULTS.items()}
     if config.train.loss not in _LOSSES:
         raise ConfigError(f"--loss: the sequence task supports {', '.join(_LOSSES)} "
                           f"(got {config.train.loss})")
-    for key in ("train_samples", "val_samples", "window", "hidden"):
-        if opts[key] < 1:
-            raise ConfigError(f"--task-arg: {key} must be >= 1 (got {opts[key]})")
+    hidden = opts["hidden"]
+    check_memory(config, 4 * ((opts["window"] + 2) * (opts["train_samples"] + opts["val_samples"])
+                              + 4 * (4 * hidden * (hidden + 2) + hidden + 1)))
     seed = config.train.seed
     train = make_series(seed, opts["train_samples"], opts["window"], opts["noise"])
     val = make_series(seed + 1, opts["val_samples"], opts["window"], opts["noise"])
