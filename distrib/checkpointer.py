@@ -9,9 +9,18 @@ save writes straight from the tensors' memory, since nothing changes them until 
 save is in flight at a time: a save that comes due while the previous one is still writing waits
 for it and logs the wait.
 
-A failed save is logged and training continues from the previous checkpoint; ``max_failed_saves``
-consecutive failures make :attr:`Checkpointer.fatal` true (rank 0), which the trainer agrees on
-across ranks at the next step boundary and turns into an error.
+A save that does not commit is logged and training continues from the previous checkpoint;
+``max_failed_saves`` consecutive ones make :attr:`Checkpointer.fatal` true (rank 0), which the
+trainer agrees on across ranks at the next step boundary and turns into an error. A save that
+commits resets the count; trouble after the commit (retention, listing) is only a warning.
+
+Start-up (:meth:`Checkpointer.plan_start`): rank 0 takes the directory's lease (see
+:mod:`distrib.lease`), then tries the committed checkpoints newest first. Each must be valid on
+storage, read back with every checksum and the tensor layout verified, and pass the caller's
+``check_state`` (the loaded state fits the live model and optimizer); the first that does is
+used, every one skipped is named. The configuration it was saved with is compared with this
+run's (``check_config``): options that shape the model, the data, the optimizer or the seed
+must match unless ``allow_config_change``.
 """
 
 from __future__ import annotations
@@ -20,31 +29,38 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 
 from distrib import dist
 from distrib.checkpoint import (CheckpointError, CheckpointInfo, CheckpointStore,
                                 CorruptCheckpoint, LoadedCheckpoint, step_dir)
-from distrib.serialization import (ByteSource, FlatBuffer, TensorSource, flatten_state,
-                                   plan_layout, unflatten_state)
+from distrib.format import InvalidCheckpoint, Meta
+from distrib.lease import Lease, LeaseHeld
+from distrib.serialization import ByteSource, FlatBuffer, TensorSource, flatten_state, plan_layout
 from distrib.storage import open_storage
 
 log = logging.getLogger(__name__)
+
+PlanKind = Literal["fresh", "resume", "complete", "error"]
+#: (saved configuration) -> (options that must match but differ, options that differ harmlessly)
+ConfigCheck = Callable[[Mapping[str, Any]], tuple[list[str], list[str]]]
 
 
 @dataclass
 class StartPlan:
     """Rank 0's decision at start-up, broadcast to every rank."""
 
-    kind: str  # "fresh" | "resume" | "complete" | "error"
+    kind: PlanKind
     root: str = ""  # the storage root of the checkpoint to load
-    name: str = ""  # its step directory
+    name: str = ""  # its step directory ("" for a complete run whose checkpoints are gone)
     message: str = ""
     skipped: list[str] = field(default_factory=list)
     permanent: bool = True  # for errors: retrying the job will not help
     progress: dict[str, Any] | None = None  # the last heartbeat of the interrupted run
+    notes: list[str] = field(default_factory=list)  # warnings for the log
+    changes: list[str] = field(default_factory=list)  # options that changed since the checkpoint
 
 
 def retention(infos: list[CheckpointInfo], keep_last: int, keep_best: int,
@@ -65,13 +81,27 @@ def retention(infos: list[CheckpointInfo], keep_last: int, keep_best: int,
 
 
 class Checkpointer:
-    """Rank-aware checkpoint writer and loader; see the module docstring."""
+    """Rank-aware checkpoint writer and loader; see the module docstring.
+
+    Args:
+        store: where the checkpoints live.
+        rank: this process's rank (0 writes).
+        check_state: called on rank 0 with a loaded state before it is used; raises
+            :class:`~distrib.format.InvalidCheckpoint` if the state does not fit (the checkpoint
+            is then skipped like a damaged one).
+        check_config: compares a checkpoint's saved configuration with this run's.
+        allow_config_change: resume even if ``check_config`` finds options that must match.
+        lease: this run's lease on the directory (taken at :meth:`plan_start`, released by
+            :meth:`close`); None for no lease.
+    """
 
     def __init__(self, store: CheckpointStore, *, rank: int, async_save: bool = True,
                  keep_last: int = 3, keep_best: int = 0, mode: str = "min",
                  max_failed_saves: int = 3,
-                 on_saved: Callable[[int, float, int, BaseException | None], None] | None = None
-                 ) -> None:
+                 on_saved: Callable[[int, float, int, BaseException | None], None] | None = None,
+                 check_state: Callable[[Any], None] | None = None,
+                 check_config: ConfigCheck | None = None, allow_config_change: bool = False,
+                 lease: Lease | None = None) -> None:
         self.store = store
         #: rank 0, training thread: called with (step, seconds, bytes, error or None) once a
         #: save is known to have committed or failed (the run records listen here)
@@ -80,31 +110,46 @@ class Checkpointer:
         self.async_save = async_save
         self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
         self.max_failed_saves = max_failed_saves
+        self.check_state = check_state
+        self.check_config = check_config
+        self.allow_config_change = allow_config_change
+        self.lease = lease
         self.failures = 0
-        self.fatal = False
         self.last_saved_step: int | None = None
         self.last_committed_step: int | None = None  # rank 0: newest commit by/for this run
         self.last_save_seconds = 0.0
         self.stall_seconds = 0.0
+        self.fence_seconds = 0.0
+        self._invalid_steps: set[int] = set()  # rank 0: committed here but unusable: replace
         self._buffer = FlatBuffer()
         self._thread: threading.Thread | None = None
+        self._in_flight: int | None = None
         self._copied: threading.Event | None = None
         self._progress_thread: threading.Thread | None = None
         self._progress_at = float("-inf")
-        self.fence_seconds = 0.0
         self._result: tuple[int, float, int, BaseException | None] | None = None
+
+    @property
+    def fatal(self) -> bool:
+        """Rank 0: the last ``max_failed_saves`` saves all failed to commit."""
+        return self.failures >= self.max_failed_saves
+
+    @property
+    def lease_lost(self) -> bool:
+        """Rank 0: another run took over the directory's lease (stop writing)."""
+        return self.lease is not None and self.lease.lost
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, state: dict[str, Any], per_rank: Any, meta: dict[str, Any],
+    def save(self, step: int, state: dict[str, Any], per_rank: Any, meta: Meta,
              *, blocking: bool = False, replace: bool = False, skip_if_committed: bool = False,
              deferrable: Iterable[torch.Tensor] = ()) -> None:
         """Checkpoint ``state`` (identical on all ranks) plus every rank's ``per_rank`` at ``step``.
 
         Collective: every rank calls it. ``blocking`` waits for the write (end of training,
-        preemption); ``replace`` first deletes an existing checkpoint of the same step.
-        ``skip_if_committed`` makes it a no-op when this process already committed (or resumed
-        from) this very step.
+        preemption); ``replace`` replaces a valid checkpoint of the same step (an invalid one is
+        always replaced). ``skip_if_committed`` makes it a no-op when this process already
+        committed (or resumed from) this very step.
         ``deferrable`` names tensors that stay unchanged until the caller's next :meth:`fence`
         (parameters and optimizer state do, until the next optimizer step): an asynchronous save
         copies those in the background, overlapping the next forward and backward passes.
@@ -116,6 +161,10 @@ class Checkpointer:
         started = time.perf_counter()
         self._join(waiting_for=step)
         if skip_if_committed and self.last_committed_step == step:
+            return
+        if self.lease_lost:
+            self._result = (step, 0.0, 0, CheckpointError("the directory's lease was lost"))
+            self._collect()
             return
         skeleton, tensors = flatten_state({**state, "per_rank": gathered})
         layout = plan_layout(tensors)
@@ -129,11 +178,9 @@ class Checkpointer:
             source = TensorSource(tensors, layout)
         self._copied = threading.Event()
         self.stall_seconds = time.perf_counter() - started
-        if replace:
-            existing = self.store.inspect(step)
-            if existing.committed:
-                self.store.delete(existing)
-        args = (step, source, layout, skeleton, meta)
+        replace = replace or step in self._invalid_steps
+        args = (step, source, layout, skeleton, meta, replace)
+        self._in_flight = step
         if background:
             self._thread = threading.Thread(target=self._write, args=args,
                                             name=f"distrib-ckpt-{step}", daemon=True)
@@ -142,20 +189,29 @@ class Checkpointer:
             self._write(*args)
             self._collect()
 
-    def _write(self, step: int, source: ByteSource, layout: Any, skeleton: Any,
-               meta: dict[str, Any]) -> None:
+    def _write(self, step: int, source: ByteSource, layout: Any, skeleton: Any, meta: Meta,
+               replace: bool) -> None:
         started = time.perf_counter()
         error: BaseException | None = None
         try:
             try:
                 source.prepare()
             finally:
+                assert self._copied is not None
                 self._copied.set()  # the training thread may update the weights again
-            self.store.write(step, source, layout, skeleton, meta)
-            self._prune(step)
+            self.store.write(step, source, layout, skeleton, meta, replace=replace)
         except BaseException as exc:  # reported on the training thread by _collect
             error = exc
-        self._result = (step, time.perf_counter() - started, layout.total, error)
+        seconds = time.perf_counter() - started
+        if error is None:
+            self._invalid_steps.discard(step)
+            try:  # committed: trouble from here on does not make the save a failure
+                self._prune(step)
+            except Exception as exc:
+                log.warning("checkpoint step %d is committed, but removing older checkpoints "
+                            "failed (%s: %s); they are retried after the next save", step,
+                            type(exc).__name__, exc)
+        self._result = (step, seconds, layout.total, error)
 
     def _prune(self, newest: int) -> None:
         _, deleted = retention(self.store.scan(), self.keep_last, self.keep_best, self.mode)
@@ -169,7 +225,7 @@ class Checkpointer:
             t0 = time.perf_counter()
             if waiting_for is not None:
                 log.info("checkpoint at step %d waits for the save of step %d to finish",
-                         waiting_for, self.last_saved_step)
+                         waiting_for, self._in_flight)
             thread.join()
             if waiting_for is not None:
                 log.info("waited %.2fs for the previous save", time.perf_counter() - t0)
@@ -177,11 +233,12 @@ class Checkpointer:
         self._collect()
 
     def _collect(self) -> None:
-        """Account for a finished write: log it, count failures, set :attr:`fatal`."""
+        """Account for a finished write: log it, count failures (see :attr:`fatal`)."""
         if self._result is None:
             return
         step, seconds, nbytes, error = self._result
         self._result = None
+        self._in_flight = None
         self.last_save_seconds = seconds
         if self.on_saved is not None:
             self.on_saved(step, seconds, nbytes, error)
@@ -194,18 +251,17 @@ class Checkpointer:
         self.failures += 1
         log.error("checkpoint step %d failed (%d/%d consecutive): %s: %s", step, self.failures,
                   self.max_failed_saves, type(error).__name__, error)
-        if self.failures >= self.max_failed_saves:
-            self.fatal = True
 
     def note_progress(self, step: int, epoch: int, every_s: float = 2.0,
                       reason: str = "running") -> None:
         """Rank 0: record how far training got (at most every ``every_s`` seconds, in the
         background), so that a resume after a crash can tell how many steps were lost.
-        ``reason="preempted"`` records, synchronously, that training stopped at ``step``."""
+        ``reason`` other than "running" ("preempted", "finished") is recorded synchronously."""
         now = time.monotonic()
         if self.rank != 0:
             return
         if reason != "running":
+            self._join_progress()
             self.store.write_progress({"step": step, "epoch": epoch, "time": time.time(),
                                        "reason": reason})
             return
@@ -224,6 +280,11 @@ class Checkpointer:
         self._progress_thread = threading.Thread(target=write, name="distrib-progress",
                                                  daemon=True)
         self._progress_thread.start()
+
+    def _join_progress(self) -> None:
+        if self._progress_thread is not None:
+            self._progress_thread.join()
+            self._progress_thread = None
 
     def fence(self) -> None:
         """Wait until the tensors deferred by the last :meth:`save` are copied. Call before
@@ -250,6 +311,17 @@ class Checkpointer:
         self._join()
         return self.fatal
 
+    def close(self) -> None:
+        """Rank 0: wait for the writers, then release the lease. Local; safe to call twice."""
+        if self.rank != 0:
+            return
+        try:
+            self._join()
+            self._join_progress()
+        finally:
+            if self.lease is not None:
+                self.lease.release()
+
     # ------------------------------------------------------------------ starting
 
     def plan_start(self, resume: str, force_restart: bool, storage_options: dict[str, Any]
@@ -262,6 +334,8 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 plan, loaded = self._decide(resume, force_restart, storage_options)
+            except LeaseHeld as exc:
+                plan = StartPlan("error", message=str(exc))
             except Exception as exc:  # no collective here: the error travels in the plan
                 permanent = isinstance(exc, (PermissionError, ValueError, CheckpointError))
                 plan = StartPlan("error", message=f"{self.store.storage.url}: "
@@ -271,41 +345,88 @@ class Checkpointer:
 
     def _decide(self, resume: str, force_restart: bool, options: dict[str, Any]
                 ) -> tuple[StartPlan, LoadedCheckpoint | None]:
+        if self.lease is not None:
+            self.lease.acquire()
+            self.lease.start_heartbeat()
         if force_restart:
             self._wipe()
             return StartPlan("fresh", message="--force-restart: previous checkpoints deleted"), None
+        committed = [i for i in self.store.scan() if i.committed]
+        notes = []
         if resume not in ("auto", "never"):
-            return self._decide_explicit(resume, options)
-        infos = self.store.scan()
-        committed = [i for i in infos if i.committed]
+            if not committed:
+                return self._decide_explicit(resume, options)
+            notes.append(f"--resume {resume} is not used: {self.store.storage.url} already "
+                         "holds this run's checkpoints, which continue it")
         done = self.store.completion()
-        if resume == "never":
-            if committed or done is not None:
-                return StartPlan("error", message=(
-                    f"--resume never: {self.store.storage.url} already holds checkpoints"
-                    f"{' of a finished run' if done is not None else ''}; use --force-restart "
-                    "to start over")), None
-            return StartPlan("fresh"), None
-        if done is not None:
-            return StartPlan("complete", message=f"run already complete ({done})"), None
-        skipped = []
+        if resume == "never" and (committed or done is not None):
+            return StartPlan("error", message=(
+                f"--resume never: {self.store.storage.url} already holds checkpoints"
+                f"{' of a finished run' if done is not None else ''}; use --force-restart "
+                "to start over")), None
+        plan, loaded = self._pick(committed, done)
+        plan.notes[:0] = notes
+        return plan, loaded
+
+    def _pick(self, committed: list[CheckpointInfo], done: dict[str, Any] | None
+              ) -> tuple[StartPlan, LoadedCheckpoint | None]:
+        """The newest committed checkpoint that loads and fits, newest first."""
+        url = self.store.storage.url
+        skipped: list[str] = []
         for info in reversed(committed):
-            if info.status != "valid":
+            if info.status != "valid" or info.manifest is None:
                 skipped.append(f"{info.name}: {info.problem}")
+                self._invalid_steps.add(info.step)
                 continue
+            error, notes, changes = self._compare(info.manifest.meta.config,
+                                                  f"{url}/{info.name}")
+            if error:
+                return StartPlan("error", message=error, skipped=skipped), None
             try:
                 loaded = self.store.read(info)
-            except CorruptCheckpoint as exc:
-                skipped.append(str(exc))
+                if self.check_state is not None:
+                    self.check_state(loaded.state())
+            except (CorruptCheckpoint, InvalidCheckpoint) as exc:
+                text = str(exc)
+                skipped.append(text if text.startswith(info.name) else f"{info.name}: {text}")
+                self._invalid_steps.add(info.step)
                 continue
-            return StartPlan("resume", self.store.storage.url, info.name, skipped=skipped,
-                             progress=self.store.progress()), loaded
+            complete = done is not None and done.get("step", info.step) == info.step
+            if done is not None and not complete:
+                notes.append(f"the run finished at step {done.get('step')}, but that "
+                             f"checkpoint cannot be used: continuing from {info.name} to "
+                             "rebuild it")
+            return StartPlan("complete" if complete else "resume", url, info.name,
+                             message=f"run already complete ({_describe(done)})"
+                             if complete else "", skipped=skipped,
+                             progress=self.store.progress(), notes=notes, changes=changes), loaded
         if committed:
             return StartPlan("error", skipped=skipped, message=(
-                f"{self.store.storage.url} holds {len(committed)} checkpoint(s) but none is "
-                f"valid ({'; '.join(skipped)}); refusing to start fresh over them "
+                f"{url} holds {len(committed)} checkpoint(s) but none can be used "
+                f"({'; '.join(skipped)}); refusing to start fresh over them "
                 "(use --force-restart to discard them)")), None
+        if done is not None:
+            error, notes, changes = self._compare(done.get("config"), f"{url}/COMPLETE")
+            if error:
+                return StartPlan("error", message=error), None
+            return StartPlan("complete", message=f"run already complete ({_describe(done)}; "
+                             "its checkpoints are gone)", notes=notes, changes=changes), None
         return StartPlan("fresh"), None
+
+    def _compare(self, saved: Any, where: str) -> tuple[str, list[str], list[str]]:
+        """(an error message or "", warnings, changed options) for resuming from a checkpoint
+        saved with configuration ``saved``."""
+        if self.check_config is None or not isinstance(saved, dict):
+            return "", [], []
+        fixed, logged = self.check_config(saved)
+        if fixed and not self.allow_config_change:
+            return (f"{where} was saved with other settings: {'; '.join(fixed)}. These shape "
+                    "the model, the data, the optimizer or the seed: resume with the original "
+                    "values, pass --allow-config-change to resume anyway, or start over with "
+                    "another --checkpoint-dir or --force-restart (deletes the checkpoints)"), [], []
+        warnings = [f"resuming with other settings than the checkpoint's "
+                    f"(--allow-config-change): {'; '.join(fixed)}"] if fixed else []
+        return "", warnings, logged
 
     def _decide_explicit(self, url: str, options: dict[str, Any]
                          ) -> tuple[StartPlan, LoadedCheckpoint | None]:
@@ -313,19 +434,27 @@ class Checkpointer:
         store = CheckpointStore(open_storage(root or ".", options))
         match = name.startswith("step-") and name[5:].isdigit()
         info = store.inspect(int(name[5:]), name) if match else None
-        if info is None or info.status != "valid":
+        if info is None or info.status != "valid" or info.manifest is None:
             why = info.problem if info else "not a step-N checkpoint directory"
             return StartPlan("error", message=f"--resume {url}: {why}"), None
-        return StartPlan("resume", store.storage.url, name), store.read(info)
+        error, notes, changes = self._compare(info.manifest.meta.config, url)
+        if error:
+            return StartPlan("error", message=error), None
+        try:
+            loaded = store.read(info)
+            if self.check_state is not None:
+                self.check_state(loaded.state())
+        except (CorruptCheckpoint, InvalidCheckpoint) as exc:
+            return StartPlan("error", message=f"--resume {url}: {exc}"), None
+        return StartPlan("resume", store.storage.url, name, notes=notes, changes=changes), loaded
 
     def _wipe(self) -> None:
         infos = self.store.scan()
-        for info in infos:
-            self.store.delete(info)
+        deleted = sum(self.store.delete(info) for info in infos)
         self.store.collect_orphans(2**62)
         self.store.clear_complete()
         if infos:
-            log.warning("--force-restart: deleted %d checkpoint(s) in %s", len(infos),
+            log.warning("--force-restart: deleted %d checkpoint(s) in %s", deleted,
                         self.store.storage.url)
 
     def load(self, plan: StartPlan, preloaded: LoadedCheckpoint | None,
@@ -346,5 +475,15 @@ class Checkpointer:
                                   "checkpoint directory on storage every node can reach?)"
                                   + (f": {error}" if error else ""))
         assert loaded is not None
-        self.last_committed_step = loaded.info.step
-        return unflatten_state(loaded.skeleton, loaded.tensors), loaded.info
+        if plan.root == self.store.storage.url:  # a checkpoint elsewhere is not committed here
+            self.last_committed_step = loaded.info.step
+        return loaded.state(), loaded.info
+
+
+def _describe(done: Mapping[str, Any] | None) -> str:
+    """The COMPLETE marker in words (it may come from an older distrib: any of its keys)."""
+    if not done:
+        return "unknown"
+    parts = [f"{key} {done[key]}" for key in ("step", "epoch", "reason") if key in done]
+    return ", ".join(parts) or "unknown"
+

@@ -148,11 +148,10 @@ class EarlyStopping:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the options come from the constructor, not the state.
 
-        Raises ValueError if the state monitored another metric or direction.
+        Raises ValueError (one line) if the state is malformed or monitored another metric or
+        direction; nothing is changed then.
         """
-        if state["monitor"] != self.monitor or state["mode"] != self.mode:
-            raise ValueError(f"early-stopping state monitors {state['monitor']} ({state['mode']}), "
-                             f"this run monitors {self.monitor} ({self.mode})")
+        self.check_state_dict(state)
         self.best = float(state["best"])
         self.best_epoch = state["best_epoch"]
         self.wait_count = int(state["wait_count"])
@@ -162,3 +161,25 @@ class EarlyStopping:
         self.reason = state["reason"]
         self.reason_code = state["reason_code"]
         self.improved = False
+
+    def check_state_dict(self, state: Any) -> None:
+        """ValueError unless ``state`` is a well-formed :meth:`state_dict` for this monitor."""
+        if not isinstance(state, dict):
+            raise ValueError(f"early-stopping state must be a mapping, not {type(state).__name__}")
+        kinds: dict[str, tuple[type, ...]] = {
+            "monitor": (str,), "mode": (str,), "best": (float, int), "best_epoch": (int, type(None)),
+            "wait_count": (int,), "updates": (int,), "stopped": (bool,),
+            "stopped_epoch": (int, type(None)), "reason": (str, type(None)),
+            "reason_code": (str,)}
+        for key, kind in kinds.items():
+            value = state.get(key, ...)
+            if value is ... or (isinstance(value, bool) and bool not in kind) \
+                    or not isinstance(value, kind):
+                raise ValueError(f"early-stopping state: {key!r} is missing or of the wrong type")
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"early-stopping state: {key!r} is negative")
+        if state["monitor"] != self.monitor or state["mode"] != self.mode:
+            raise ValueError(f"early-stopping state monitors {state['monitor']} ({state['mode']}), "
+                             f"this run monitors {self.monitor} ({self.mode})")
+        if state["reason_code"] not in REASONS:
+            raise ValueError(f"early-stopping state: unknown reason {state['reason_code']!r}")

@@ -23,22 +23,30 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset
 
 from distrib import dist
-from distrib.checkpoint import CheckpointError, CheckpointStore, SaveFailedError
-from distrib.checkpointer import Checkpointer
-from distrib.config import Config, ConfigError
+from distrib.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, SaveFailedError
+from distrib.checkpointer import Checkpointer, StartPlan
+from distrib.config import Config, ConfigError, resume_differences
 from distrib.early_stopping import EarlyStopping
+from distrib.format import InvalidCheckpoint, Meta, Metric
+from distrib.lease import Lease, run_identity
 from distrib.logs import Progress, progress_enabled, setup_logging
 from distrib import exitcodes
 from distrib.optim import build_optimizer, build_scheduler, current_lr
 from distrib.preemption import (Preempted, PreemptionHandler, shutdown_budget_problems,
                                  torchrun_env_problem)
 from distrib.records import RunRecords, default_log_dir
+from distrib.preflight import check_locations
 from distrib.sampler import ResumableSampler
 from distrib.state import capture_rng, derive_seed, restore_rng, seed_everything, seed_worker
+from distrib.statecheck import check_like, check_number, check_optimizer, check_rng
 from distrib.storage import open_storage, parse_options
 from distrib.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
+
+#: the top-level keys of a Trainer checkpoint's state
+_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "early_stopping", "best_model",
+               "progress", "history", "per_rank")
 
 
 class Callback:
@@ -124,7 +132,16 @@ class Trainer:
     # ================================================================== set-up
 
     def fit(self) -> FitResult:
-        """Run (or resume) training to the end; see the class docstring."""
+        """Run (or resume) training to the end; see the class docstring.
+
+        Before the process group exists, the checkpoint and log locations are checked and the
+        task is built (and the monitored metric checked against it): a problem is a
+        :class:`~distrib.ConfigError` on every rank, and nothing has been written.
+        """
+        check_locations(self.config)
+        if self.task is None:
+            self.task = build_task(self.config)
+        self.check_monitor(self.config, self.task)
         info, owns_group = dist.setup(self.config.train.dist_timeout)
         self.info = info
         self._fit_started = time.perf_counter()
@@ -147,20 +164,22 @@ class Trainer:
             raise
         finally:
             self.preemption.uninstall()
+            checkpointer = getattr(self, "checkpointer", None)
+            if checkpointer is not None:
+                checkpointer.close()  # rank 0: the writers are done, the lease is released
             if owns_group:
                 dist.teardown(graceful=graceful)
 
     def _fit(self) -> FitResult:
         cfg = self.config
-        if self.task is None:
-            self.task = build_task(cfg)
-        self.check_monitor(cfg, self.task)
+        assert self.task is not None
         seed_everything(derive_seed(cfg.train.seed, "rank", self.info.rank))
         self._build_model(self.task)
         self._build_optim(self.task)
         self.records = self._open_records()
         self.checkpointer = self._build_checkpointer()
-        self.agreement = dist.LaggedAgreement(2)  # [a fatal save failure, a preemption notice]
+        # [a fatal save failure, a preemption notice, the directory's lease lost]
+        self.agreement = dist.LaggedAgreement(3)
         problems = [*shutdown_budget_problems(None), torchrun_env_problem()]
         for problem in filter(None, problems) if dist.rank() == 0 else ():
             log.warning("%s", problem)
@@ -221,10 +240,15 @@ class Trainer:
         c = self.config.ckpt
         store = CheckpointStore(open_storage(c.checkpoint_dir, self.storage_options),
                                 shard_bytes=int(c.shard_size_mb * 2**20))
+        lease = None
+        if c.lease_timeout and dist.rank() == 0:
+            lease = Lease(store.storage, run_identity(), c.lease_timeout)
         return Checkpointer(store, rank=dist.rank(), async_save=c.async_save,
                             keep_last=c.keep_last, keep_best=c.keep_best,
                             mode=self.config.early_stop.mode, max_failed_saves=c.max_failed_saves,
-                            on_saved=self.records.checkpoint)
+                            on_saved=self.records.checkpoint, check_state=self._check_state,
+                            check_config=lambda saved: resume_differences(saved, self.config),
+                            allow_config_change=c.allow_config_change, lease=lease)
 
     def _open_records(self) -> RunRecords:
         cfg = self.config
@@ -245,23 +269,77 @@ class Trainer:
         c = self.config.ckpt
         plan, loaded = self.checkpointer.plan_start(c.resume, c.force_restart,
                                                     self.storage_options)
-        for skipped in plan.skipped if dist.rank() == 0 else ():
-            log.warning("skipping checkpoint %s", skipped)
+        if dist.rank() == 0:
+            for skipped in plan.skipped:
+                log.warning("skipping checkpoint %s", skipped)
+            for note in plan.notes:
+                log.warning("%s", note)
+            if plan.changes:
+                log.info("options changed since the checkpoint: %s", "; ".join(plan.changes))
         if plan.kind == "error":
             raise CheckpointError(plan.message) if plan.permanent else RuntimeError(plan.message)
-        if plan.kind == "complete":
-            log.info("%s: nothing to do (use --force-restart to train again)", plan.message)
-            return FitResult("already_complete", 0, 0, message=plan.message)
         if plan.message and dist.rank() == 0:
             log.warning("%s", plan.message)
-        if plan.kind == "resume":
+        if plan.name:
             state, info = self.checkpointer.load(plan, loaded, self.storage_options)
-            self._restore(state, info.manifest, f"{plan.root}/{plan.name}", plan.progress)
+            self._restore(state, info, f"{plan.root}/{plan.name}", plan)
+        if plan.kind == "complete":
+            log.info("nothing to do (use --force-restart to train again)")
+            return FitResult("already_complete", self.epoch, self.global_step, self.history,
+                             plan.message, *self._best(), self.module if plan.name else None)
         self.records.start(step=self.global_step, epoch=self.epoch,
                            world_size=dist.world_size(), restart=c.force_restart,
                            resumed_from=f"{plan.root}/{plan.name}" if plan.name else None,
                            heartbeat=plan.progress)
         return None
+
+    def _best(self) -> tuple[int | None, float | None]:
+        """(best epoch, counted from 1, and its value) as early stopping knows them."""
+        es = self.early_stopping
+        return (None, None) if es.best_epoch is None else (es.best_epoch + 1, es.best)
+
+    def _check_state(self, state: Any) -> None:
+        """Rank 0, at start-up: InvalidCheckpoint unless ``state`` (a loaded checkpoint) fits
+        this run's model, optimizer, scheduler, scaler and early stopping, and its own parts
+        are well formed. Nothing is changed."""
+        if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+            raise InvalidCheckpoint("state: not a distrib.Trainer checkpoint (missing "
+                                    f"{', '.join(k for k in _STATE_KEYS if k not in state)})"
+                                    if isinstance(state, dict) else "state: not a mapping")
+        model = self.raw_module.state_dict()
+        check_like(state["model"], model, "model")
+        if state["best_model"] is not None:
+            check_like(state["best_model"], model, "best model")
+        check_optimizer(state["optimizer"], self.optimizer)
+        for key, live in (("scheduler", self.scheduler), ("scaler", self.scaler)):
+            if live is not None and state[key] is not None:
+                check_like(state[key], live.state_dict(), key, subset=True)
+        try:
+            self.early_stopping.check_state_dict(state["early_stopping"])
+        except ValueError as exc:
+            raise InvalidCheckpoint(str(exc)) from None
+        p = state["progress"]
+        if not isinstance(p, dict):
+            raise InvalidCheckpoint("progress: not a mapping")
+        for key in ("epoch", "global_step", "samples_done"):
+            check_number(p.get(key), f"progress.{key}", integer=True)
+        check_number(p.get("world_size"), "progress.world_size", integer=True, lo=1)
+        check_number(p.get("last_metric"), "progress.last_metric", lo=-math.inf, optional=True)
+        history = state["history"]
+        if not isinstance(history, list) or not all(
+                isinstance(h, dict) and all(isinstance(k, str) and (v is None or isinstance(
+                    v, (int, float))) for k, v in h.items()) for h in history):
+            raise InvalidCheckpoint("history: not a list of metric mappings")
+        per_rank = state["per_rank"]
+        if not isinstance(per_rank, list) or len(per_rank) != p["world_size"]:
+            raise InvalidCheckpoint(f"per-rank state: expected {p['world_size']} entries")
+        for r, mine in enumerate(per_rank):
+            if not isinstance(mine, dict) or not isinstance(mine.get("train_loss"), list) \
+                    or len(mine["train_loss"]) != 2:
+                raise InvalidCheckpoint(f"per-rank state of rank {r}: malformed")
+            check_rng(mine.get("rng"), f"per-rank state of rank {r}: rng")
+            check_number(mine["train_loss"][0], f"rank {r} train loss", lo=-math.inf)
+            check_number(mine["train_loss"][1], f"rank {r} sample count", integer=True)
 
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state shared by all ranks, this rank's own state) for a checkpoint."""
@@ -281,8 +359,32 @@ class Trainer:
                     "train_loss": [float(self._loss_sum), self._loss_count]}
         return shared, per_rank
 
-    def _restore(self, state: dict[str, Any], manifest: dict[str, Any], where: str,
-                 progress: dict[str, Any] | None) -> None:
+    def _restore(self, state: dict[str, Any], info: CheckpointInfo, where: str,
+                 plan: StartPlan) -> None:
+        """Load a checkpoint's state into the live objects (every rank). It was checked by
+        :meth:`_check_state` on rank 0; a failure here anyway is a CheckpointError."""
+        try:
+            self._load_state(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"{where} could not be loaded ({type(exc).__name__}: "
+                                  f"{str(exc)[:300]})") from None
+        assert info.manifest is not None
+        age = time.time() - info.manifest.created
+        progress = plan.progress or {}
+        lost = ""
+        reached = progress.get("step", -1)
+        if plan.kind == "complete":
+            lost = "; the run is complete"
+        elif reached > self.global_step:
+            lost = (f"; the interrupted run had reached step {reached} at least, so "
+                    f"{reached - self.global_step} steps are replayed")
+        elif reached == self.global_step and progress.get("reason") == "preempted":
+            lost = "; it was written at a preemption notice, so no steps are lost"
+        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch, saved %.0fs "
+                 "ago%s", where, self.epoch + 1, self.global_step, self.samples_done, age, lost)
+        self._check_limits()
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         self.raw_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -296,17 +398,6 @@ class Trainer:
         self.samples_done, self.last_metric = int(p["samples_done"]), p["last_metric"]
         self.history = list(state["history"])
         self._restore_per_rank(state["per_rank"], int(p["world_size"]))
-        age = time.time() - float(manifest.get("created", time.time()))
-        lost = ""
-        reached = int((progress or {}).get("step", -1))
-        if reached > self.global_step:
-            lost = (f"; the interrupted run had reached step {reached} at least, so "
-                    f"{reached - self.global_step} steps are replayed")
-        elif reached == self.global_step and (progress or {}).get("reason") == "preempted":
-            lost = "; it was written at a preemption notice, so no steps are lost"
-        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch, saved %.0fs "
-                 "ago%s", where, self.epoch + 1, self.global_step, self.samples_done, age, lost)
-        self._check_limits()
 
     def _check_limits(self) -> None:
         """Set the stop reason if the restored state has already reached the end of training."""
@@ -469,8 +560,13 @@ class Trainer:
         """Note this step's local flags and act on the ones every rank has agreed on (about a
         quarter of a second later, see :class:`distrib.dist.LaggedAgreement`). Collective, but
         never blocks on the step."""
-        fatal, preempt = self.agreement.exchange([self.checkpointer.poll(),
-                                                  self.preemption.requested], due=due)
+        fatal, preempt, lost = self.agreement.exchange(
+            [self.checkpointer.poll(), self.preemption.requested, self.checkpointer.lease_lost],
+            due=due)
+        if lost:
+            raise CheckpointError(f"another run took over {self.config.ckpt.checkpoint_dir} "
+                                  "(its lease went stale: was this job paused?); stopping "
+                                  "without writing there again")
         if fatal:
             raise SaveFailedError(f"{self.config.ckpt.max_failed_saves} consecutive checkpoint "
                                   "saves failed; stopping (the newest committed checkpoint is "
@@ -606,15 +702,13 @@ class Trainer:
         """
         shared, per_rank = self._snapshot()
         cfg = self.config
-        meta = {"epoch": self.epoch, "global_step": self.global_step,
-                "world_size": dist.world_size(), "final": final,
-                "config_fingerprint": cfg.fingerprint(), "config": cfg.to_public_dict(),
-                # the manifest is strict JSON: a NaN/inf metric is recorded as null (no rank)
-                "metric": None if metric is None else {
-                    "name": cfg.early_stop.monitor,
-                    "value": metric if math.isfinite(metric) else None,
-                    "mode": cfg.early_stop.mode},
-                "torch": torch.__version__}
+        es = cfg.early_stop
+        meta = Meta(epoch=self.epoch, world_size=dist.world_size(), final=final,
+                    # the manifest is strict JSON: a NaN/inf metric is recorded as null (no rank)
+                    metric=None if metric is None else Metric(
+                        es.monitor, metric if math.isfinite(metric) else None, es.mode),  # type: ignore[arg-type]
+                    config=cfg.to_public_dict(), config_fingerprint=cfg.fingerprint(),
+                    torch=torch.__version__)
         deferrable = [*self.raw_module.parameters(),
                       *(v for st in self.optimizer.state.values() for v in st.values()
                         if isinstance(v, torch.Tensor))]
@@ -643,14 +737,16 @@ class Trainer:
             raise SaveFailedError("the final checkpoint could not be written")
         if dist.rank() == 0:
             self.checkpointer.store.mark_complete({
-                "step": self.global_step, "epoch": self.epoch, "reason": self.stop_reason})
+                "step": self.global_step, "epoch": self.epoch, "reason": self.stop_reason,
+                "config_fingerprint": self.config.fingerprint(),
+                "config": self.config.to_public_dict()})
+            self.checkpointer.note_progress(self.global_step, self.epoch, reason="finished")
         log.info("training finished after %d epochs, %d steps: %s%s", self.epoch,
                  self.global_step, self.stop_message, note)
         self.records.end("finished", step=self.global_step, epoch=self.epoch,
                          reason=self.stop_reason, message=self.stop_message + note)
         result = FitResult(self.stop_reason or "max_epochs", self.epoch, self.global_step,
-                           self.history, self.stop_message + note, es.best_epoch,
-                           None if es.best_epoch is None else es.best, self.module)
+                           self.history, self.stop_message + note, *self._best(), self.module)
         for cb in self.callbacks:
             cb.on_fit_end(self, result)
         return result

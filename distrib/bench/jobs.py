@@ -182,7 +182,8 @@ def figure_6(settings: Settings) -> Figure:
     if prepare.returncode != 0 or info is None:
         raise RuntimeError(f"writing the checkpoint to resume failed:\n{prepare.stderr[-3000:]}")
     store.clear_complete()  # a finished run would not resume: make it an interrupted one
-    files = [os.path.join(resumed, info.name, f["name"]) for f in info.manifest["files"]]
+    assert info.manifest is not None
+    files = [os.path.join(resumed, info.name, f.name) for f in info.manifest.files]
     fresh_runs = [0]
 
     def resume() -> float:
