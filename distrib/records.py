@@ -40,6 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+from distrib.format import InvalidCheckpoint, load_json
 from distrib.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,15 @@ class _TensorBoard:
                     self.storage.write(f"{TENSORBOARD}/{name}", [fh.read()])
 
     def close(self) -> None:
-        self.flush()
-        self.writer.close()
+        try:
+            self.writer.close()  # flushes the event file
+            self.flush()  # remote: upload it once more
+        finally:
+            if self.staging is not None:
+                import shutil
+
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self.staging = None
 
 
 def scalars(record: Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -370,23 +378,49 @@ def segment_names(storage: Storage) -> list[str]:
 
 
 def parse_segment(data: bytes) -> list[dict[str, Any]]:
-    """The records of one segment; a line cut short by a crash (or otherwise unparsable) is
-    skipped."""
+    """The records of one segment. A line cut short by a crash, or one that is not a record as
+    :func:`valid_record` defines it (a segment is read from storage: untrusted), is skipped."""
     records = []
     for line in data.decode("utf-8", "replace").splitlines():
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = load_json(line.encode(), "record", MAX_RECORD_BYTES, max_depth=2)
+        except InvalidCheckpoint:
             continue
-        if isinstance(record, dict) and "kind" in record and "time" in record:
+        if valid_record(record):
             records.append(record)
     return records
+
+
+#: integer fields of records, where present
+_COUNTS = ("step", "epoch", "world_size", "last_step", "steps_replayed", "bytes", "best_epoch",
+           "wait_count")
+MAX_RECORD_BYTES = 1 << 16
+MAX_SEGMENT_BYTES = 1 << 28
+
+
+def valid_record(record: Any) -> bool:
+    """A flat JSON object with a string ``kind``, a finite ``time``, non-negative integer counts
+    and otherwise only strings, finite numbers, booleans and nulls."""
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        return False
+    when = record.get("time")
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+        return False
+    for key, value in record.items():
+        if key in _COUNTS and value is not None and (
+                type(value) is not int or value < 0):
+            return False
+        if isinstance(value, (dict, list)) or (isinstance(value, float) and
+                                                not math.isfinite(value)):
+            return False
+    return True
 
 
 def read_segments(storage: Storage) -> list[list[dict[str, Any]]]:
     """Every non-empty segment's records, oldest segment first (by its first record's time;
     names only break ties)."""
-    out = [parse_segment(storage.read(name)) for name in segment_names(storage)]
+    out = [parse_segment(storage.read(name, limit=MAX_SEGMENT_BYTES))
+           for name in segment_names(storage)]
     return sorted((records for records in out if records), key=lambda r: float(r[0]["time"]))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -105,6 +106,19 @@ def summarize(history: History, now: float | None = None) -> Summary:
         saving_s=sum(float(s.get("seconds") or 0) for s in saves))
 
 
+def _check_out(out: str) -> None:
+    """The picture's path must name a .png file in a writable directory."""
+    if not out.lower().endswith(".png") or os.path.basename(out).lower() == ".png":
+        raise UsageError(f"--out {out!r}: the picture must be a file name ending in .png")
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out}: is a directory; give a file name ending in .png")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the log dir or the checkpoint dir")
@@ -114,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="an fsspec storage option (repeatable)")
     args = parser.parse_args(argv)
     try:
+        _check_out(args.out)
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("drawing needs matplotlib, which is not installed "
                              "(pip install 'distrib[plot]')")
@@ -122,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         history = read_history(storage)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # storage trouble while reading the records: one line
+        print(f"{PROG}: error: {args.run_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     summary = summarize(history)
     from distrib.plot import draw
