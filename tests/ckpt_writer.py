@@ -53,6 +53,12 @@ class FaultyStorage(Storage):
     def exists(self, rel: str) -> bool:
         return self.inner.exists(rel)
 
+    def read(self, rel: str, limit: int | None = None) -> bytes:
+        return self.inner.read(rel, limit)
+
+    def size(self, rel: str) -> int | None:
+        return self.inner.size(rel)
+
     def mkdir(self, rel: str) -> None:
         self.inner.mkdir(rel)
 

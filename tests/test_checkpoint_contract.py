@@ -53,8 +53,8 @@ def test_round_trip_is_bit_identical_across_many_shards(url: str) -> None:
     store = _store(url)
     state = training_state(width=96)  # ~40 kB of tensors: about ten 4 kB shards
     info = store.save_state(12, state, _meta())
-    shards = [f for f in info.manifest["files"] if f["name"].startswith("shard-")]
-    assert len(shards) >= 8 and all(f["size"] <= 4096 for f in shards)
+    shards = info.manifest.shards  # type: ignore[union-attr]
+    assert len(shards) >= 8 and all(f.size <= 4096 for f in shards)
     assert_same(state, store.load_state(store.latest()))  # type: ignore[arg-type]
     # piecemeal: the model alone comes from the first shards only
     assert_same(state["model"], store.load_state(info, subtree="model"))
@@ -65,13 +65,12 @@ def test_scan_classifies_and_latest_skips_damage(url: str) -> None:
     for step in (1, 2, 3, 4):
         store.save_state(step, training_state(step), _meta(step))
     s = store.storage
-    shard = lambda step: next(f["name"] for f in store.inspect(step).manifest["files"]  # noqa: E731
-                              if f["name"].startswith("shard-"))
+    shard = lambda step: store.inspect(step).manifest.shards[0].name  # type: ignore[union-attr]  # noqa: E731
     _damage(s, f"{step_dir(4)}/{MANIFEST}", "garbage")
     _damage(s, f"{step_dir(3)}/{shard(3)}", "truncate")
     _damage(s, f"{step_dir(2)}/{shard(2)}", "flip")
     statuses = {i.step: i.status for i in store.scan()}
-    assert statuses == {1: "valid", 2: "valid", 3: "incomplete", 4: "corrupt"}
+    assert statuses == {1: "valid", 2: "valid", 3: "invalid", 4: "invalid"}
     with pytest.raises(CorruptCheckpoint, match="checksum mismatch"):
         store.read(store.inspect(2))
     ckpt = Checkpointer(store, rank=0)
@@ -86,7 +85,7 @@ def test_all_damaged_is_an_error_not_a_fresh_start(url: str) -> None:
     store.save_state(5, training_state(), _meta())
     _damage(store.storage, f"{step_dir(5)}/{MANIFEST}", "garbage")
     plan, _ = Checkpointer(store, rank=0).plan_start("auto", False, {})
-    assert plan.kind == "error" and "none is valid" in plan.message
+    assert plan.kind == "error" and "none can be used" in plan.message
 
 
 def test_racing_writers_exactly_one_wins(url: str) -> None:
@@ -113,7 +112,7 @@ def test_racing_writers_exactly_one_wins(url: str) -> None:
     winner_seed = int(winners[0].split(":")[1])
     assert_same(training_state(winner_seed)["model"], store.load_state(store.inspect(7), "model"))
     names = store.storage.list(step_dir(7))
-    assert len(names) == len(store.inspect(7).manifest["files"]) + 1  # losers cleaned up
+    assert len(names) == len(store.inspect(7).manifest.files) + 1  # type: ignore[union-attr]  # losers cleaned up
     assert [n for n in store.storage.list("") if n.startswith(".")] == []
 
 

@@ -76,4 +76,4 @@ def test_racing_writer_processes_exactly_one_wins(target: tuple[str, dict[str, s
     assert_same(training_state(winner, 96)["model"], store.load_state(store.inspect(5), "model"))
     info = store.inspect(5)
     assert sorted(store.storage.list(step_dir(5))) == sorted(
-        [f["name"] for f in info.manifest["files"]] + ["manifest.json"])
+        [f.name for f in info.manifest.files] + ["manifest.json"])  # type: ignore[union-attr]

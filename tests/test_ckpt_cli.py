@@ -49,11 +49,11 @@ def test_verify_exit_code_follows_corruption(run: Path,
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
     code, out, _ = _cli(capsys, "verify", str(run))
-    assert code == 1 and "step-000000030: CORRUPT: " in out and "checksum mismatch" in out
+    assert code == 1 and "step-000000030: INVALID: " in out and "checksum mismatch" in out
     assert _cli(capsys, "verify", str(run), "--step", "20")[0] == 0
     code, out, _ = _cli(capsys, "ls", str(run), "--verify")
     row = next(line for line in out.splitlines() if line.startswith("30"))
-    assert " corrupt" in row and " valid" not in row
+    assert " invalid" in row and " valid" not in row
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -40,7 +40,8 @@ def test_toml_file_then_command_line_override(tmp_path: Path) -> None:
     ("max_epoch = 3", "unknown option 'max_epoch' (did you mean --max-epochs?)"),
     ('lr = "fast"', "lr: expected a number"),
     ("[optim]\nmax_epochs = 3", "unknown option 'max_epochs' in [optim]"),
-    ("batch-size = 0", "--batch-size: must be > 0"),
+    ("batch-size = 0", "--batch-size: must be in [1, 16777216] (got 0)"),
+    ("a = " + "[" * 5000 + "]" * 5000, "nested too deeply"),
 ])
 def test_bad_toml_is_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "bad.toml"

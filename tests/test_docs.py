@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from distrib.config import OPTION_INDEX, flag_name
+from distrib.config import OPTION_INDEX, flag_name, markdown_options
 
 from .conftest import REPO
 
@@ -24,6 +24,12 @@ def test_every_flag_is_documented_with_its_default() -> None:
         if isinstance(shown, tuple):
             shown = ",".join(map(str, shown))
         assert f"`{shown}`" in rows[0], (flag, shown, rows[0])
+
+
+def test_option_tables_are_generated_from_the_declarations() -> None:
+    """The README's option tables are exactly what distrib.config.markdown_options() makes
+    (regenerate them with it after changing an option)."""
+    assert markdown_options() in README
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -46,8 +46,9 @@ def test_nan_on_one_rank_stops_every_rank_with_the_reason_logged(tmp_path: Path)
     assert runs[0]["epochs"] == runs[1]["epochs"] < 10
     assert "val_loss = nan is not finite" in results[0].stderr
     final = CheckpointStore(LocalStorage(str(tmp_path / "ck"))).latest()
-    assert final is not None and final.manifest["final"] is True
-    assert final.manifest["metric"]["value"] is None  # NaN is not JSON
+    assert final is not None and final.manifest is not None and final.manifest.meta.final
+    assert final.manifest.meta.metric is not None
+    assert final.manifest.meta.metric.value is None  # NaN is not JSON
 
 
 @pytest.mark.parametrize("extra", [
@@ -104,7 +105,7 @@ def test_restore_best_weights_in_model_and_final_checkpoint(tmp_path: Path) -> N
                    "--restore-best", "--checkpoint-dir", str(ck)]
     results = launch_ranks("fit", tmp_path / "out", {"runs": [argv], "snapshots": True})
     runs = _runs(results)
-    best = runs[0]["best_epoch"] + 1  # 1-based, as logged
+    best = runs[0]["best_epoch"]  # 1-based, as logged
     assert best < runs[0]["epochs"]  # the best epoch is not the last one
     assert f"weights restored from the best epoch {best}" in results[0].stderr.splitlines()[-1]
     expected = torch.load(tmp_path / "out" / f"run0-epoch{best}-rank0.pt", weights_only=True)
@@ -116,7 +117,7 @@ def test_restore_best_weights_in_model_and_final_checkpoint(tmp_path: Path) -> N
         assert all(torch.equal(final[k], expected[k]) for k in expected)
     store = CheckpointStore(LocalStorage(str(ck)))
     newest = [i for i in store.scan() if i.status == "valid"][-1]
-    assert newest.manifest["final"] is True
+    assert newest.manifest is not None and newest.manifest.meta.final is True
     loaded = store.read(newest)
     model = unflatten_state(loaded.skeleton, loaded.tensors)["model"]
     assert all(torch.equal(model[k], expected[k]) for k in expected)

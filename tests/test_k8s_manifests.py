@@ -500,7 +500,7 @@ def test_the_indexed_jobs_command_runs_as_two_local_pods_and_survives_losing_one
     final, complete = cluster.final_checkpoint()
     assert complete is not None  # the run is marked complete
     assert final.step == 2 * 8000 // (2 * 16)  # 2 epochs, 2 ranks x 16 samples per step
-    assert final.manifest["world_size"] == 2 and final.manifest["final"] is True
+    assert final.manifest.meta.world_size == 2 and final.manifest.meta.final is True
 
 
 @pytest.mark.slow
@@ -530,4 +530,4 @@ def test_the_pytorchjobs_command_runs_elastically_on_the_operators_pet_variables
     log = pods[0].text()
     assert "resuming a 2-rank checkpoint with 1 ranks" in log and "resumed from" in log
     final, complete = cluster.final_checkpoint()
-    assert complete is not None and final.manifest["world_size"] == 1
+    assert complete is not None and final.manifest.meta.world_size == 1

@@ -158,7 +158,50 @@ def scenario_agreement(out_dir: Path, args: dict[str, Any]) -> None:
     dist.teardown(graceful=True)
 
 
+def scenario_resume_each(out_dir: Path, args: dict[str, Any]) -> None:
+    """Resume each of ``urls`` in turn (tampered checkpoint directories) in one process group;
+    record where each run started, where it ended, and any path the storage layer resolved
+    outside the directory."""
+    import os
+
+    from distrib.storage import FsspecStorage, LocalStorage, open_storage
+
+    os.environ.update(args.get("env") or {})
+    resolved: list[str] = []
+    for cls in (LocalStorage, FsspecStorage):
+        def spy(self: Any, rel: str, _original: Any = cls._path) -> str:
+            path = _original(self, rel)
+            resolved.append(path)
+            return str(path)
+        cls._path = spy  # type: ignore[method-assign]
+    dist.setup(120.0)
+    runs, outside = [], []
+    for url in args["urls"]:
+        storage = open_storage(url)
+        root = storage.root  # type: ignore[attr-defined]
+        resolved.clear()
+        start: dict[str, int] = {}
+
+        class Start(Callback):
+            def on_fit_start(self, trainer: Trainer) -> None:
+                start["step"] = trainer.global_step
+
+        try:
+            result = Trainer(Config.from_args(args["argv"] + ["--checkpoint-dir", url]),
+                             callbacks=[Start()]).fit()
+            runs.append({"start": start.get("step"), "global_step": result.global_step,
+                         "error": None})
+        except Exception as exc:  # every rank raises alike: record it and go on
+            runs.append({"start": start.get("step"), "global_step": None,
+                         "error": f"{type(exc).__name__}: {exc}"})
+        outside += [p for p in resolved if p != root and not p.startswith(root.rstrip("/") + "/")]
+    save_output(out_dir, {"runs": runs, "outside": outside})
+    dist.barrier()
+    dist.teardown(graceful=True)
+
+
 SCENARIOS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
+    "resume_each": scenario_resume_each,
     "fit": scenario_fit,
     "exact_eval": scenario_exact_eval,
     "agreement": scenario_agreement,

@@ -1,0 +1,185 @@
+"""The run lease on a checkpoint directory: one job writes there at a time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from distrib import Config, Trainer
+from distrib.checkpoint import CheckpointError
+from distrib.lease import Lease, LeaseHeld, run_identity
+from distrib.storage import LocalStorage, open_storage
+
+from .conftest import REPO, base_env, torchrun
+
+
+def _holder(storage: LocalStorage, gen: int = 1, **fields: object) -> None:
+    content = {"run_id": "other", "host": "elsewhere", "pid": 1, "started": time.time(),
+               "heartbeat": time.time(), "timeout": 60.0, **fields}
+    storage.write(f"lease-{gen:09d}.json", [json.dumps(content).encode()])
+
+
+def test_acquire_release_and_generations(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path))
+    lease = Lease(storage, "run-a", timeout_s=5)
+    lease.acquire()
+    assert storage.list("") == ["lease-000000001.json"]
+    assert lease.renew()
+    lease.release()
+    assert storage.list("") == []
+    again = Lease(storage, "run-b", timeout_s=5)
+    again.acquire()  # released: taken at once
+    assert again.generation == 1
+    again.release()
+
+
+def test_same_run_takes_over_at_once(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path))
+    _holder(storage, run_id="TORCHELASTIC_RUN_ID=job-7")
+    lease = Lease(storage, "TORCHELASTIC_RUN_ID=job-7", timeout_s=60)
+    started = time.monotonic()
+    lease.acquire()
+    assert time.monotonic() - started < 2
+    assert lease.generation == 2 and storage.list("") == ["lease-000000002.json"]
+
+
+def test_stale_and_dead_holders_are_taken_over(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path))
+    _holder(storage, heartbeat=time.time() - 120)
+    Lease(storage, "me", timeout_s=60).acquire()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _holder(storage, gen=5, host=socket.gethostname(), pid=dead.pid)
+    lease = Lease(storage, "me-again", timeout_s=60)
+    lease.acquire()
+    assert lease.generation == 6
+
+
+def test_a_live_holder_is_refused_with_its_name(tmp_path: Path) -> None:
+    """The holder's heartbeat moves while the newcomer waits: LeaseHeld, well before the
+    timeout; the message names the holder."""
+    storage = LocalStorage(str(tmp_path))
+    holder = Lease(storage, "first-run", timeout_s=4)
+    holder.acquire()
+    holder.start_heartbeat()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LeaseHeld, match=r"in use by run first-run \(host "):
+            Lease(storage, "second-run", timeout_s=4).acquire()
+        assert time.monotonic() - started < 3.5
+    finally:
+        holder.release()
+
+
+def test_a_damaged_lease_is_replaced(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path))
+    storage.write("lease-000000003.json", [b"[" * 100_000])
+    lease = Lease(storage, "me", timeout_s=5)
+    lease.acquire()
+    assert lease.generation == 4
+
+
+def test_of_two_racing_takers_one_wins(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path))
+    _holder(storage, heartbeat=time.time() - 600)  # stale: everyone may take it
+    outcome: list[str] = []
+    winners: list[Lease] = []
+    barrier = threading.Barrier(4)
+
+    def take(i: int) -> None:
+        lease = Lease(storage, f"taker-{i}", timeout_s=2)
+        barrier.wait()
+        try:
+            lease.acquire()
+            lease.start_heartbeat()
+            winners.append(lease)
+            outcome.append("won")
+        except LeaseHeld:
+            outcome.append("held")
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for lease in winners:
+        lease.release()
+    assert sorted(outcome) == ["held", "held", "held", "won"]
+
+
+def test_a_holder_that_lost_its_lease_stops(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path))
+    lease = Lease(storage, "slow", timeout_s=5)
+    lease.acquire()
+    _holder(storage, gen=2)  # another run took over while this one stalled
+    assert lease.renew() is False and lease.lost
+    lease.release()
+    assert "lease-000000002.json" in storage.list("")  # the new holder's lease is left alone
+
+
+def test_run_identity_sources() -> None:
+    assert run_identity({"DISTRIB_RUN_ID": "uid-1", "TORCHELASTIC_RUN_ID": "x"}) == \
+        "DISTRIB_RUN_ID=uid-1"
+    assert run_identity({"TORCHELASTIC_RUN_ID": "abc"}) == "TORCHELASTIC_RUN_ID=abc"
+    assert run_identity({"TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "42"}) == \
+        "SLURM_JOB_ID=42"
+    assert run_identity({}).startswith("process-") and run_identity({}) != run_identity({})
+
+
+def test_the_trainer_stops_when_another_run_takes_over(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    config = Config.from_args(["--task", "tests.tasks:tiny", "--task-arg", "train=4096",
+                               "--max-epochs", "3", "--batch-size", "8", "--no-progress",
+                               "--checkpoint-dir", str(ck), "--lease-timeout", "1",
+                               "--log-every-steps", "0"])
+    storage = open_storage(str(ck))
+
+    def usurp() -> None:
+        deadline = time.monotonic() + 60
+        while not storage.list("") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        gens = sorted(n for n in storage.list("") if n.startswith("lease-"))
+        top = int(gens[-1][6:15]) if gens else 0
+        _holder(storage, gen=top + 1)  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=usurp)
+    thread.start()
+    with pytest.raises(CheckpointError, match="another run took over"):
+        Trainer(config).fit()
+    thread.join()
+
+
+@pytest.mark.slow
+def test_two_jobs_on_one_directory(tmp_path: Path) -> None:
+    """Two real torchrun launches with different seeds on one --checkpoint-dir: the second
+    exits 2 naming the holder; the first finishes untouched."""
+    ck = tmp_path / "ck"
+    common = ["--task", "tests.tasks:tiny", "--task-arg", "train=20000", "--batch-size", "16",
+              "--max-epochs", "1", "--no-progress", "--no-early-stop", "--lease-timeout", "4",
+              "--save-every-steps", "100", "--checkpoint-dir", str(ck)]
+    env = base_env()
+    first = subprocess.Popen(torchrun("--standalone", "--nproc_per_node=2", "-m",
+                                      "distrib.train", *common, "--seed", "1"),
+                             cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(ck.glob("lease-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "distrib.launch", "--standalone",
+                             "--nproc_per_node=2", "-m", "distrib.train", *common,
+                             "--seed", "2"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "is in use by run TORCHELASTIC_RUN_ID=" in second.stderr
+    assert "resumed from" not in first_err + second.stderr
+    assert [p.name for p in ck.glob("lease-*")] == []  # released at the end
+    assert (ck / "COMPLETE").exists()
