@@ -13,7 +13,9 @@ SIGKILLs itself (a real signal, no cleanup) at that stage of the commit protocol
   create-only upload).
 
 With ``--barrier``, it waits at the commit point until ``--peers`` writers have arrived, so that
-racing writers really race. Exit codes: 0 committed, 3 another writer won, -9 killed.
+racing writers really race. With ``--pause-after-check DIR``, it stops right after finding the
+step not committed yet (touching ``DIR/checked``) until ``DIR/go`` exists, so that another
+writer can commit in between. Exit codes: 0 committed, 3 another writer won, -9 killed.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ def die() -> None:
 class FaultyStorage(Storage):
     """Delegates to a real storage, with a SIGKILL or a barrier at one stage."""
 
-    def __init__(self, inner: Storage, kill_at: str | None, barrier: Path | None, peers: int):
+    def __init__(self, inner: Storage, kill_at: str | None, barrier: Path | None, peers: int,
+                 pause: Path | None = None):
         self.inner, self.kill_at, self.barrier, self.peers = inner, kill_at, barrier, peers
         self.url, self.supports_rename = inner.url, inner.supports_rename
+        self.pause, self.paused = pause, False
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.inner, name)
@@ -54,7 +58,16 @@ class FaultyStorage(Storage):
         return self.inner.exists(rel)
 
     def read(self, rel: str, limit: int | None = None) -> bytes:
-        return self.inner.read(rel, limit)
+        try:
+            return self.inner.read(rel, limit)
+        except FileNotFoundError:
+            if self.pause is not None and rel.endswith(MANIFEST) and not self.paused:
+                self.paused = True  # "not committed yet": wait while another writer commits
+                (self.pause / "checked").touch()
+                deadline = time.monotonic() + 60
+                while not (self.pause / "go").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            raise
 
     def size(self, rel: str) -> int | None:
         return self.inner.size(rel)
@@ -114,10 +127,12 @@ def main() -> int:
     parser.add_argument("--kill-at", choices=["shard", "before-manifest", "manifest"])
     parser.add_argument("--barrier", type=Path)
     parser.add_argument("--peers", type=int, default=2)
+    parser.add_argument("--pause-after-check", type=Path)
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--shard-bytes", type=int, default=4096)
     args = parser.parse_args()
-    storage = FaultyStorage(open_storage(args.url), args.kill_at, args.barrier, args.peers)
+    storage = FaultyStorage(open_storage(args.url), args.kill_at, args.barrier, args.peers,
+                            args.pause_after_check)
     store = CheckpointStore(storage, shard_bytes=args.shard_bytes)
     try:
         store.save_state(args.step, training_state(args.seed, args.width), {"epoch": 0})

@@ -162,3 +162,20 @@ def test_async_save_overlaps_and_reports_errors(url: str, caplog: pytest.LogCapt
         ckpt.save(2, state, {}, _meta())
         assert ckpt.wait() is True
     assert "checkpoint step 2 failed (2/2 consecutive)" in caplog.text
+
+
+def test_a_leftover_at_the_step_is_replaced_and_an_invalid_checkpoint_too(url: str) -> None:
+    """A half-deleted directory (no manifest) or an invalid checkpoint at the step being saved
+    is replaced; a valid one is never overwritten without ``replace``."""
+    store = _store(url)
+    store.storage.write(f"{step_dir(3)}/shard-00000-dead.bin", [b"x" * 10])  # a leftover
+    store.save_state(3, training_state(3), _meta())
+    assert store.inspect(3).status == "valid"
+    _damage(store.storage, f"{step_dir(3)}/{MANIFEST}", "garbage")
+    assert store.inspect(3).status == "invalid"
+    store.save_state(3, training_state(4), _meta())
+    assert_same(training_state(4)["model"], store.load_state(store.inspect(3), "model"))
+    with pytest.raises(FileExistsError):
+        store.save_state(3, training_state(5), _meta())
+    store.save_state(3, training_state(5), _meta(), replace=True)
+    assert_same(training_state(5)["model"], store.load_state(store.inspect(3), "model"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,24 @@ def test_racing_writer_processes_exactly_one_wins(target: tuple[str, dict[str, s
     info = store.inspect(5)
     assert sorted(store.storage.list(step_dir(5))) == sorted(
         [f.name for f in info.manifest.files] + ["manifest.json"])  # type: ignore[union-attr]
+
+
+def test_a_writer_that_checked_before_another_committed_loses(
+        target: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """Writer B finds step 5 not committed, then writer A commits it: B must lose, and A's
+    checkpoint must survive (B used to delete it as a leftover and report success too)."""
+    url, env = target
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    late = _writer(url, env, 5, 1, "--pause-after-check", str(pause))
+    deadline = time.monotonic() + 60
+    while not (pause / "checked").exists():
+        assert time.monotonic() < deadline and late.poll() is None, late.stderr.read()  # type: ignore[union-attr]
+        time.sleep(0.01)
+    first = _writer(url, env, 5, 0)
+    assert first.wait(timeout=120) == 0, first.stderr.read()  # type: ignore[union-attr]
+    (pause / "go").touch()
+    assert late.wait(timeout=120) == 3, late.stderr.read()  # type: ignore[union-attr]
+    store = CheckpointStore(open_storage(url))
+    assert_same(training_state(0, 96)["model"], store.load_state(store.inspect(5), "model"))
+    assert [n for n in store.storage.list("") if n.startswith(".")] == []

@@ -390,6 +390,7 @@ class LocalCluster:
     ``hosts`` names (pod 0's DNS name) mapped to 127.0.0.1 and a free port. The bucket is a
     fresh one on that server in place of the overlay's placeholder."""
 
+    UID = "0f6c2b7e-5d1a-4c1e-9a57-3b2d7c9e1f00"  # the Job's metadata.uid, as its pods see it
     TRAIN = ["--task", "tests.tasks:tiny", "--task-arg", "dropout=0.1", "--max-epochs", "2",
              "--no-early-stop", "--batch-size", "16", "--save-every-steps", "50",
              "--log-every-steps", "0"]
@@ -415,6 +416,10 @@ class LocalCluster:
                 assert secret_keys <= set(values)
                 self.env.update({k: values[k] for k in secret_keys})
         self.env.update(env_of(self.container))
+        for entry in self.container.get("env", ()):  # the downward API: this Job's labels
+            path = entry.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+            if path == "metadata.labels['batch.kubernetes.io/controller-uid']":
+                self.env[entry["name"]] = self.UID
         bucket, path = self.env["CHECKPOINT_DIR"].removeprefix("s3://").split("/", 1)
         assert bucket == "your-bucket", self.env["CHECKPOINT_DIR"]  # the overlay's placeholder
         self.checkpoint_dir = self.env["CHECKPOINT_DIR"] = f"s3://{make_bucket(endpoint)}/{path}"

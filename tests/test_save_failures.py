@@ -12,7 +12,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from distrib import Config, Trainer
+from distrib import Callback, Config, Trainer
 from distrib.checkpoint import CheckpointStore, SaveFailedError
 from distrib.storage import open_storage
 
@@ -31,6 +31,14 @@ class FlakyFS(MemoryFileSystem):
             path = "memory://" + path[len("flaky://"):]
         return super()._strip_protocol(path)
 
+    list_faults: dict[str, list[BaseException]] = {}  # listing a path ending with the key fails
+
+    def ls(self, path, detail=True, **kwargs):  # type: ignore[no-untyped-def]
+        for key, errors in self.list_faults.items():
+            if path.rstrip("/").endswith(key) and errors:
+                raise errors.pop(0)
+        return super().ls(path, detail=detail, **kwargs)
+
     def pipe_file(self, path, value, mode="overwrite", **kwargs):  # type: ignore[no-untyped-def]
         for key, errors in self.faults.items():
             if key in path and errors:
@@ -47,6 +55,7 @@ ARGS = ["--task", "tests.tasks:tiny", "--max-epochs", "3", "--save-every-steps",
 @pytest.fixture(autouse=True)
 def _clean() -> None:
     FlakyFS.faults = {}
+    FlakyFS.list_faults = {}
     FlakyFS.store.clear()
 
 
@@ -73,6 +82,22 @@ def test_a_failed_save_is_logged_and_training_continues(capsys: pytest.CaptureFi
     assert 4 not in [i.step for i in infos if i.status == "valid"]
     assert store.latest().step == 12  # type: ignore[union-attr]
     assert store.completion() is not None
+
+
+def test_a_listing_error_after_a_commit_is_only_a_warning(capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """Retention lists the directory after each commit; that failing does not make the
+    committed save a failure."""
+    class Arm(Callback):  # after start-up, which lists the directory too
+        def on_fit_start(self, trainer: Trainer) -> None:
+            FlakyFS.list_faults = {"run5": [PermissionError("listing denied")] * 3}
+
+    result = Trainer(Config.from_args(ARGS + ["--checkpoint-dir", "flaky://run5"]),
+                     callbacks=[Arm()]).fit()
+    log = capsys.readouterr().err
+    assert result.stop_reason == "max_epochs" and "consecutive" not in log
+    assert log.count("is committed, but removing older checkpoints failed") == 3
+    assert [i.step for i in CheckpointStore(open_storage("flaky://run5")).scan()][-1] == 12
 
 
 def test_a_failed_final_save_fails_the_run_and_writes_no_completion_marker() -> None:
