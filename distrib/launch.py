@@ -16,7 +16,9 @@ configuration, stop". This wrapper:
    permanent error, 75 if they were preempted, else torchrun's code;
 4. sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun unless it is set already: when
    torchrun shares its rendezvous store with the workers, restarted workers can read the
-   previous round's addresses and fail to connect (pytorch/pytorch#135712).
+   previous round's addresses and fail to connect (pytorch/pytorch#135712); and has torchrun
+   handle SIGUSR1 too (``PET_SIGNALS_TO_HANDLE``), which SLURM sends to every process of a job
+   step and which would otherwise kill torchrun itself.
 
 Workers report through files in ``$DISTRIB_STATUS_DIR`` (a temporary directory this wrapper
 creates). Only ``-m distrib.train`` gets the pre-check; another entry point still gets the
@@ -81,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="distrib-status-") as status_dir:
         env = dict(os.environ, DISTRIB_STATUS_DIR=status_dir)
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see torchrun_env_problem()
+        # SLURM signals the whole job step, torchrun included: without a handler SIGUSR1 would
+        # kill torchrun; with one it is passed on to the workers like SIGTERM
+        env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
         cmd = [sys.executable, "-m", "torch.distributed.run", *argv]
         print(f"{PROG}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         child = subprocess.Popen(cmd, env=env)

@@ -9,6 +9,7 @@ step boundaries, agrees on it across ranks, writes an emergency checkpoint and e
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -54,6 +55,27 @@ class PreemptionHandler:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+def detach_worker_process() -> None:
+    """Call in a data-loader worker (its ``worker_init_fn``): leave the rank's process group.
+
+    torchrun forwards a preemption notice to each rank's whole process group, which includes the
+    rank's data-loader workers; torch's worker signal handler makes a worker die on a SIGTERM that
+    does not come from its parent, and the rank then fails with "DataLoader worker ... is killed
+    by signal: Terminated" before it can act on the notice. In a group of their own, workers get
+    only what their rank sends them, and they still exit when it does (torch's watchdog notices a
+    parent that is gone). A terminal's Ctrl-C likewise reaches only the rank.
+    """
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # already a group or session leader: nothing to leave
+        pass
+    # SLURM signals every process of a job step: SIGUSR1 is the rank's business (the default
+    # action would kill the worker); SIGINT reaches the rank through the terminal anyway
+    for name in ("SIGUSR1", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class Preempted(Exception):

@@ -32,8 +32,8 @@ from distrib.lease import Lease, run_identity
 from distrib.logs import Progress, progress_enabled, setup_logging
 from distrib import exitcodes
 from distrib.optim import build_optimizer, build_scheduler, current_lr
-from distrib.preemption import (Preempted, PreemptionHandler, shutdown_budget_problems,
-                                 torchrun_env_problem)
+from distrib.preemption import (Preempted, PreemptionHandler, detach_worker_process,
+                                 shutdown_budget_problems, torchrun_env_problem)
 from distrib.records import RunRecords, default_log_dir
 from distrib.preflight import check_locations
 from distrib.sampler import ResumableSampler
@@ -70,6 +70,12 @@ class FitResult:
     best_epoch: int | None = None
     best_value: float | None = None
     model: torch.nn.Module | None = None
+
+
+def _worker_init(worker_id: int) -> None:
+    """Every data-loader worker: seeded from its loader, outside the launcher's signals."""
+    seed_worker(worker_id)
+    detach_worker_process()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -439,7 +445,7 @@ class Trainer:
         return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler,
                           num_workers=t.num_workers, collate_fn=self.task.collate_fn,  # type: ignore[union-attr]
                           pin_memory=self.device.type == "cuda", generator=gen,
-                          worker_init_fn=seed_worker if t.num_workers else None)
+                          worker_init_fn=_worker_init if t.num_workers else None)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         precision = self.config.train.precision

@@ -373,6 +373,10 @@ class Pod:
     def text(self) -> str:
         return self.log.read_text()
 
+    def terminate(self) -> None:
+        """What the kubelet does first on eviction or preemption: SIGTERM to PID 1."""
+        self.proc.send_signal(signal.SIGTERM)
+
     def kill(self) -> None:
         """A node lost: SIGKILL the launcher, torchrun and the workers (their own groups)."""
         for pid in [self.proc.pid, *chaos.descendants(self.proc.pid)]:
@@ -439,7 +443,7 @@ class LocalCluster:
     # minimum (default: 30 s). torchrun reads PET_RDZV_CONF where --rdzv-conf is not given.
     RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=3"
 
-    def start(self, name: str, train_samples: int, **extra_env: str) -> Pod:
+    def start(self, name: str, train_samples: int, *extra_args: str, **extra_env: str) -> Pod:
         env = base_env(**self.env, PET_RDZV_CONF=self.RDZV_CONF, **extra_env)
         env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the launcher must set it itself
         argv = [k8s_expand(a, env) for a in argv_of(self.container)]
@@ -450,7 +454,7 @@ class LocalCluster:
                 arg = arg.replace(host, address)
             local.append(sys.executable if arg == "python" else
                          arg.replace(self.mount["mountPath"], str(self.etc)))
-        train = [*self.TRAIN, "--task-arg", f"train={train_samples}"]
+        train = [*self.TRAIN, "--task-arg", f"train={train_samples}", *extra_args]
         return Pod(local + train, env, self.tmp / f"{name}.log")
 
     def rendezvous_address(self) -> str:
@@ -485,20 +489,38 @@ class LocalCluster:
 @pytest.mark.slow
 def test_the_indexed_jobs_command_runs_as_two_local_pods_and_survives_losing_one(
         tmp_path: Path, moto_endpoint: str) -> None:
-    """Two pods form one job; pod 1's node is lost and the Job controller starts a replacement
-    with the same index: the job resumes and completes, with both ranks."""
+    """Two pods form one job, with two data-loader workers per rank. Both are preempted
+    (SIGTERM): they write the emergency checkpoint and exit 75, and the Job controller starts
+    them again. Then pod 1's node is lost and the Job controller starts a replacement with the
+    same index: the job resumes and completes, with both ranks."""
     docs = rendered("s3")
     job, service = find(docs, "Job"), find(docs, "Service")
     pod0 = f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
     cluster = LocalCluster("s3", tmp_path, moto_endpoint, hosts=[pod0])
-    pods = [cluster.start("pod-0", 8000, JOB_COMPLETION_INDEX="0")]
-    time.sleep(1.0)  # pod 0 first: its agent hosts the c10d rendezvous store, as in the cluster
-    pods.append(cluster.start("pod-1", 8000, JOB_COMPLETION_INDEX="1"))
-    cluster.wait_first_step(pods)
+    workers = ("--num-workers", "2")
+
+    def start_both(attempt: str) -> list[Pod]:
+        started = [cluster.start(f"pod-0{attempt}", 8000, *workers, JOB_COMPLETION_INDEX="0")]
+        time.sleep(1.0)  # pod 0 first: its agent hosts the c10d rendezvous store
+        started.append(cluster.start(f"pod-1{attempt}", 8000, *workers,
+                                     JOB_COMPLETION_INDEX="1"))
+        cluster.wait_first_step(started)
+        return started
+
+    pods = start_both("")
+    time.sleep(1.0)
+    for p in pods:
+        p.terminate()
+    for p in pods:
+        assert p.proc.wait(timeout=120) == exitcodes.PREEMPTED, p.text()[-4000:]
+    assert "emergency checkpoint committed" in pods[0].text()
+    pods = start_both("-again")
+    assert "no steps are lost" in pods[0].text() + pods[1].text()
     time.sleep(1.5)
     pods[1].kill()  # the node under pod 1 is gone...
     time.sleep(1.0)
-    pods[1] = cluster.start("pod-1", 8000, JOB_COMPLETION_INDEX="1")  # ...and is replaced
+    pods[1] = cluster.start("pod-1-new", 8000, *workers,
+                            JOB_COMPLETION_INDEX="1")  # ...and is replaced
     for p in pods:
         assert p.proc.wait(timeout=240) == exitcodes.OK, p.text()[-4000:]
     assert "resumed from" in pods[0].text() + pods[1].text()

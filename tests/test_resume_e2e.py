@@ -139,10 +139,11 @@ def test_writer_sigkilled_during_async_save_leaves_it_invisible(tmp_path: Path) 
 
 def test_sigterm_emergency_checkpoint_exit_code_relaunch_and_completion(
         reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    """Scenario 3 (SIGTERM, what Kubernetes sends, to the launcher that wraps torchrun) and
+    """Scenario 3 (SIGTERM, what Kubernetes sends, to the launcher that wraps torchrun), with two
+    data-loader workers per rank (torchrun signals each rank's whole process group), and
     scenario 6 (a relaunch after completion exits 0 at once)."""
     cmd = launch(tmp_path / "ck", "--standalone", "--nproc_per_node=2",
-                 launcher="distrib.launch")
+                 launcher="distrib.launch", job=JOB + ["--num-workers", "2"])
     job = Job(cmd, tmp_path / "log1")
     job.wait_started()
     time.sleep(1.0)
@@ -193,15 +194,20 @@ def test_node_failure_agent_killed_and_started_again(reference: dict[str, torch.
 
 
 def test_resume_with_a_different_world_size(tmp_path: Path) -> None:
-    """2 ranks preempted mid-epoch, resumed with 1 rank: the epoch's remaining samples are all
+    """2 ranks preempted mid-epoch by SIGUSR1 sent to every process of the job, as SLURM does
+    (data-loader workers included), resumed with 1 rank: the epoch's remaining samples are all
     seen (and no more), and the log warns that bit-exactness is gone."""
     ckpt = tmp_path / "ck"
-    job = Job(launch(ckpt, "--standalone", "--nproc_per_node=2", launcher="distrib.launch"),
-              tmp_path / "log1")
+    job = Job(launch(ckpt, "--standalone", "--nproc_per_node=2", launcher="distrib.launch",
+                     job=JOB + ["--num-workers", "2"]), tmp_path / "log1")
     job.wait_started()
     time.sleep(1.0)
-    os.kill(job.proc.pid, signal.SIGTERM)
-    assert job.finish() == 75
+    for pid in [job.proc.pid, *chaos.descendants(job.proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    assert job.finish() == 75, job.text()[-3000:]
     step = int(re.search(r"emergency checkpoint at step (\d+)", job.text()).group(1))  # type: ignore[union-attr]
     one = Job(launch(ckpt, "--standalone", "--nproc_per_node=1"), tmp_path / "log2")
     assert one.finish() == 0, one.text()[-3000:]
