@@ -10,10 +10,11 @@ configuration, stop". This wrapper:
 
 1. checks the training arguments first (``distrib.train --check-config``): a bad flag, task or
    URL exits 2 before any worker starts, instead of being retried ``--max-restarts`` times;
-2. runs torchrun as a child and forwards SIGTERM, SIGINT and SIGUSR1 to it (SIGUSR1, SLURM's
-   "time is nearly up", is forwarded as SIGTERM, which torchrun passes on to its workers);
+2. runs torchrun in this process, which passes SIGTERM, SIGINT and SIGUSR1 (SLURM's "time is
+   nearly up") on to its workers;
 3. exits with the workers' own code (:mod:`distrib.exitcodes`): 2 if any worker reported a
-   permanent error, 75 if they were preempted, else torchrun's code;
+   permanent error, 75 if they were preempted (without torchrun's traceback, which would only
+   repeat what the workers logged), else 1 with one line saying what failed;
 4. sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun unless it is set already: when
    torchrun shares its rendezvous store with the workers, restarted workers can read the
    previous round's addresses and fail to connect (pytorch/pytorch#135712); and has torchrun
@@ -81,25 +82,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         if check.returncode != 0:
             return exitcodes.PERMANENT if check.returncode == 2 else check.returncode
     with tempfile.TemporaryDirectory(prefix="distrib-status-") as status_dir:
-        env = dict(os.environ, DISTRIB_STATUS_DIR=status_dir)
-        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see torchrun_env_problem()
-        # SLURM signals the whole job step, torchrun included: without a handler SIGUSR1 would
-        # kill torchrun; with one it is passed on to the workers like SIGTERM
-        env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", *argv]
-        print(f"{PROG}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        child = subprocess.Popen(cmd, env=env)
+        os.environ["DISTRIB_STATUS_DIR"] = status_dir
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # see the docstring
+        os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+        print(f"{PROG}: torchrun {' '.join(argv)}", file=sys.stderr, flush=True)
+        # a torch that ignores PET_SIGNALS_TO_HANDLE keeps this: SIGUSR1 becomes a SIGTERM
+        signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+        try:
+            _torchrun(argv)
+        except SystemExit as exc:  # torchrun's own argument errors
+            return exc.code if isinstance(exc.code, int) else exitcodes.FAILURE
+        except Exception as exc:  # workers failed, a signal, a rendezvous error
+            reported = worker_code(status_dir)
+            if reported in (exitcodes.PREEMPTED, exitcodes.PERMANENT):
+                return reported  # the workers said why; torchrun's report would only repeat it
+            print(f"{PROG}: {_describe(exc)}", file=sys.stderr, flush=True)
+            return reported if reported is not None else exitcodes.FAILURE
+        return exitcodes.OK
 
-        def forward(signum: int, frame: object) -> None:
-            child.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, forward)
-        rc = child.wait()
-        if rc == 0:
-            return exitcodes.OK
-        reported = worker_code(status_dir)
-        return reported if reported is not None else (rc if rc > 0 else exitcodes.FAILURE)
+def _torchrun(argv: list[str]) -> None:
+    """torchrun in this process, so that its failure is an exception to map, not a 30-line
+    traceback at exit (it installs its own handlers for SIGTERM, SIGINT and the like, and
+    passes them on to the workers)."""
+    from torch.distributed.run import parse_args, run
+
+    run(parse_args(argv))
+
+
+def _describe(exc: BaseException) -> str:
+    """torchrun's failure in one line: which workers failed how, or the error."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = [f"rank {rank} exited with {getattr(f, 'exitcode', '?')}"
+                 for rank, f in sorted(failures.items())]
+        return "workers failed: " + ", ".join(parts)
+    text = " ".join(str(exc).split())
+    return f"torchrun failed: {type(exc).__name__}: {text[:300]}"
 
 
 def cli() -> None:

@@ -11,7 +11,9 @@ for example::
 It runs the job twice under ``torchrun --nproc_per_node=N``, each in a fresh checkpoint directory
 under ``--workdir``: once undisturbed (the reference), and once with ``--max-restarts`` so that
 torchrun restarts the workers after each kill. After every (re)start, once rank 0 logs its first
-optimizer step, it waits a random time and SIGKILLs one random worker process. If torchrun gives
+optimizer step, it waits a random time and SIGKILLs one worker process: rank 0 first (the one that
+writes checkpoints and hosts the process group's store; ``--no-rank0-first`` to skip that), then
+random ones. If torchrun gives
 up, the job is launched again (as Kubernetes would restart the pod). Finally both final models are
 exported with ``python -m distrib.ckpt export`` and compared tensor by tensor.
 
@@ -61,7 +63,9 @@ def descendants(root: int) -> list[int]:
 
 
 def workers(torchrun_pid: int) -> list[int]:
-    """The training worker processes under a torchrun process."""
+    """The training worker processes (the ranks) under a launcher or torchrun process: not
+    torchrun itself, and not a rank's data-loader workers (forked, with the rank's command
+    line)."""
     pids = []
     for pid in descendants(torchrun_pid):
         try:
@@ -69,9 +73,30 @@ def workers(torchrun_pid: int) -> list[int]:
                 cmd = fh.read().split(b"\0")
         except OSError:
             continue
-        if b"distrib.train" in cmd and b"torch.distributed.run" not in cmd:
+        if b"distrib.train" in cmd and b"torch.distributed.run" not in cmd \
+                and b"distrib.launch" not in cmd:
             pids.append(pid)
-    return pids
+    return [pid for pid in pids if _parent(pid) not in pids]
+
+
+def rank_of(pid: int) -> int | None:
+    """The RANK a worker process was started with (its environment in /proc)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            for entry in fh.read().split(b"\0"):
+                if entry.startswith(b"RANK="):
+                    return int(entry[5:])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Job:
@@ -102,7 +127,7 @@ class Job:
 
 def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Path,
             kills: int, rng: random.Random, delays: tuple[float, float],
-            max_relaunches: int) -> dict[str, object]:
+            max_relaunches: int, rank0_first: bool = True) -> dict[str, object]:
     """Run the job to completion while killing ``kills`` workers; return what happened."""
     cmd = torchrun + ["-m", "distrib.train", *train_args, "--checkpoint-dir", str(ckpt)]
     done_kills, relaunches, replayed = 0, 0, []
@@ -116,14 +141,16 @@ def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Pa
             pids = workers(job.proc.pid)
             if not pids or job.proc.poll() is not None:
                 break
-            victim = rng.choice(pids)
+            ranks = {pid: rank_of(pid) for pid in pids}
+            first = [pid for pid, rank in ranks.items() if rank == 0]
+            victim = first[0] if rank0_first and done_kills == 0 and first else rng.choice(pids)
             job.started.clear()  # the restarted workers will log their first step again
             try:
                 os.kill(victim, signal.SIGKILL)
             except ProcessLookupError:
                 continue
             done_kills += 1
-            log(f"kill {done_kills}/{kills}: SIGKILL worker pid {victim}")
+            log(f"kill {done_kills}/{kills}: SIGKILL rank {ranks[victim]} (pid {victim})")
         rc = job.proc.wait()
         replayed += job.replayed
         if rc == 0:
@@ -157,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-delay", type=float, default=0.3,
                         help="seconds after a (re)start's first step before a kill, at least")
     parser.add_argument("--max-delay", type=float, default=2.0, help="... and at most")
+    parser.add_argument("--rank0-first", action=argparse.BooleanOptionalAction, default=True,
+                        help="make the first kill hit rank 0 (default: yes)")
     parser.add_argument("--workdir", type=Path, help="where runs and logs go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
     parser.add_argument("train_args", nargs=argparse.REMAINDER,
@@ -179,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"chaos run: {args.kills} SIGKILLs in {work / 'chaos'}")
         chaos = run_job(torchrun + [f"--max-restarts={args.kills + 2}"], train_args,
                         work / "chaos", work / "chaos.log", args.kills, rng,
-                        (args.min_delay, args.max_delay), 3)
+                        (args.min_delay, args.max_delay), 3, args.rank0_first)
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         log(f"FAILED: {exc}")
         return 2
