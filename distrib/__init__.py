@@ -2,14 +2,20 @@
 
 The Python API::
 
-    from distrib import Config, Trainer, Task
-    config = Config.from_args(["--max-epochs", "5", "--checkpoint-dir", "s3://bucket/run1"])
-    result = Trainer(config, task=my_task).fit()   # on every rank
+    import sys
+    from distrib import Config, Trainer, exit_code
+
+    def main() -> None:
+        config = Config.from_args(["--max-epochs", "5", "--checkpoint-dir", "s3://bucket/run1"])
+        result = Trainer(config, task=build).fit()   # on every rank; build(config) -> Task
+
+    sys.exit(exit_code(main))   # 0 done, 1 failed, 2 bad input, 75 preempted
 """
 
 from distrib.config import (CheckpointConfig, Config, ConfigError, EarlyStopConfig, LogConfig,
                             OptimConfig, SchedConfig, TrainConfig)
 from distrib.early_stopping import EarlyStopping
+from distrib.exitcodes import exit_code
 from distrib.tasks import Task
 from distrib.trainer import Callback, FitResult, Trainer
 
@@ -17,4 +23,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Callback", "CheckpointConfig", "Config", "ConfigError", "EarlyStopConfig",
            "EarlyStopping", "FitResult", "LogConfig", "OptimConfig", "SchedConfig", "Task",
-           "TrainConfig", "Trainer", "__version__"]
+           "TrainConfig", "Trainer", "__version__", "exit_code"]

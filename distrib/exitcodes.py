@@ -15,7 +15,18 @@ code   name             meaning, and what a scheduler should do
 
 ``torchrun`` itself exits 1 whenever a worker fails or it is signalled, whatever the workers'
 codes; ``python -m distrib.launch`` (a drop-in for ``torchrun``) passes these codes through.
+
+A script that drives :class:`distrib.Trainer` itself gets the same codes with one line::
+
+    sys.exit(distrib.exit_code(main))
 """
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
 
 OK = 0
 FAILURE = 1
@@ -23,3 +34,53 @@ PERMANENT = 2
 PREEMPTED = 75  # EX_TEMPFAIL in sysexits.h: "temporary failure, the user is invited to retry"
 
 NAMES = {OK: "ok", FAILURE: "failure", PERMANENT: "permanent", PREEMPTED: "preempted"}
+
+
+def exit_code(main: Callable[[], object], prog: str | None = None) -> int:
+    """Run ``main()`` and return the exit code a scheduler should see (the table above); also
+    report it to ``python -m distrib.launch`` (``$DISTRIB_STATUS_DIR/rank-$RANK``).
+
+    A :class:`~distrib.ConfigError` is printed as one line (``prog: error: ...``) and gives 2,
+    as does a checkpoint error that retrying cannot fix; a preemption gives 75; save failures
+    and any other exception give 1 (the unexpected ones with their traceback in the log).
+    Call it on every rank: ``sys.exit(distrib.exit_code(main))``.
+    """
+    code = _run(main, prog or os.path.basename(sys.argv[0] or "python"))
+    status_dir = os.environ.get("DISTRIB_STATUS_DIR")
+    if status_dir:
+        try:
+            with open(os.path.join(status_dir, f"rank-{os.environ.get('RANK', '0')}"), "w") as fh:
+                fh.write(str(code))
+        except OSError:
+            pass  # the launcher then falls back to torchrun's own exit code
+    return code
+
+
+def _run(main: Callable[[], object], prog: str) -> int:
+    from distrib.checkpoint import CheckpointError, SaveFailedError
+    from distrib.config import ConfigError
+    from distrib.preemption import Preempted
+
+    log = logging.getLogger("distrib")
+    try:
+        main()
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else PERMANENT
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return PERMANENT
+    except Preempted:
+        return PREEMPTED
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        return PERMANENT
+    except SaveFailedError as exc:
+        log.error("%s", exc)
+        return FAILURE
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return FAILURE
+    except Exception:
+        log.exception("training failed")
+        return FAILURE
+    return OK

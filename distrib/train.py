@@ -48,50 +48,18 @@ def prepare(argv: Sequence[str] | None) -> tuple[Config, "object", bool]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return the process exit code (see :mod:`distrib.exitcodes`), which is
     also written to ``$DISTRIB_STATUS_DIR/rank-$RANK`` for ``python -m distrib.launch``."""
-    code = _run(argv)
-    status_dir = os.environ.get("DISTRIB_STATUS_DIR")
-    if status_dir:
-        try:
-            with open(os.path.join(status_dir, f"rank-{os.environ.get('RANK', '0')}"), "w") as fh:
-                fh.write(str(code))
-        except OSError:
-            pass  # the launcher then falls back to torchrun's own exit code
-    return code
+    return exitcodes.exit_code(lambda: _run(argv), PROG)
 
 
-def _run(argv: Sequence[str] | None) -> int:
-    try:
-        config, task, check_only = prepare(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, message already printed)
-        return exc.code if isinstance(exc.code, int) else exitcodes.PERMANENT
-    except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exitcodes.PERMANENT
+def _run(argv: Sequence[str] | None) -> None:
+    config, task, check_only = prepare(argv)
     if check_only:
         print(f"{PROG}: configuration OK (task {config.train.task}, checkpoints in "
               f"{config.ckpt.checkpoint_dir})")
-        return exitcodes.OK
-    from distrib.checkpoint import CheckpointError, SaveFailedError
-    from distrib.preemption import Preempted
+        return
     from distrib.trainer import Trainer
 
-    try:
-        Trainer(config, task).fit()  # type: ignore[arg-type]
-    except Preempted:
-        return exitcodes.PREEMPTED
-    except CheckpointError as exc:
-        log.error("%s", exc)
-        return exitcodes.PERMANENT
-    except SaveFailedError as exc:
-        log.error("%s", exc)
-        return exitcodes.FAILURE
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return exitcodes.FAILURE
-    except Exception:
-        log.exception("training failed")
-        return exitcodes.FAILURE
-    return exitcodes.OK
+    Trainer(config, task).fit()  # type: ignore[arg-type]
 
 
 def exit_now(code: int) -> None:

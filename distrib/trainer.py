@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -40,7 +40,7 @@ from distrib.sampler import ResumableSampler
 from distrib.state import capture_rng, derive_seed, restore_rng, seed_everything, seed_worker
 from distrib.statecheck import check_like, check_number, check_optimizer, check_rng
 from distrib.storage import open_storage, parse_options
-from distrib.tasks import Task, build_task
+from distrib.tasks import Task, TaskBuilder, build_task
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +110,20 @@ class Trainer:
 
     Args:
         config: the run configuration.
-        task: the task; built from ``config.train.task`` when omitted.
+        task: the task, or the function that builds it from the config (called as the command
+            line calls ``--task``: after seeding torch with ``--seed``, so the model's initial
+            weights are the same in every run); built from ``config.train.task`` when omitted.
         callbacks: loop hooks (see :class:`Callback`).
 
     :meth:`fit` must be called on every rank. It creates the process group from the torchrun
     environment if none exists (and destroys it again on return, also on error).
     """
 
-    def __init__(self, config: Config, task: Task | None = None,
+    def __init__(self, config: Config, task: Task | TaskBuilder | None = None,
                  callbacks: Sequence[Callback] = ()) -> None:
         self.config = config
-        self.task = task
+        self.task: Task | None = task if isinstance(task, Task) else None
+        self._builder = None if isinstance(task, Task) else task
         self.callbacks = list(callbacks)
         self.epoch = 0
         self.global_step = 0
@@ -146,7 +149,7 @@ class Trainer:
         """
         check_locations(self.config)
         if self.task is None:
-            self.task = build_task(self.config)
+            self.task = build_task(self.config, self._builder)
         self.check_monitor(self.config, self.task)
         info, owns_group = dist.setup(self.config.train.dist_timeout)
         self.info = info
@@ -165,7 +168,7 @@ class Trainer:
             graceful = True  # every rank raises it together, after a barrier
             raise
         except Exception as exc:  # local bookkeeping only, no collective
-            self.records.end("failed", step=self.global_step, epoch=self.epoch,
+            self.records.end("failed", step=self.global_step, epoch=self._epoch_label(),
                              message=f"{type(exc).__name__}: {exc}")
             raise
         finally:
@@ -200,12 +203,13 @@ class Trainer:
 
     @staticmethod
     def check_monitor(config: Config, task: Task) -> list[str]:
-        """The metric names ``task`` reports; ConfigError if ``--monitor`` is not one of them."""
+        """The metric names ``task`` reports; ConfigError if ``--monitor-metric`` is not one of
+        them."""
         names = ["train_loss"]
         if task.val_dataset is not None:
             names += ["val_loss"] + [f"val_{name}" for name in task.metrics]
         if config.early_stop.monitor not in names:
-            raise ConfigError(f"--monitor: {config.early_stop.monitor!r} is not reported by "
+            raise ConfigError(f"--monitor-metric: {config.early_stop.monitor!r} is not reported by "
                               f"this task (choose from {', '.join(names)})")
         return names
 
@@ -286,18 +290,30 @@ class Trainer:
             raise CheckpointError(plan.message) if plan.permanent else RuntimeError(plan.message)
         if plan.message and dist.rank() == 0:
             log.warning("%s", plan.message)
+        where = f"{plan.root}/{plan.name}"
+        info = None
         if plan.name:
             state, info = self.checkpointer.load(plan, loaded, self.storage_options)
-            self._restore(state, info, f"{plan.root}/{plan.name}", plan)
+            self._restore(state, info, where, plan)
         if plan.kind == "complete":
+            if info is not None:
+                self._log_resume(where, info, plan, None)
             log.info("nothing to do (use --force-restart to train again)")
             return FitResult("already_complete", self.epoch, self.global_step, self.history,
                              plan.message, *self._best(), self.module if plan.name else None)
-        self.records.start(step=self.global_step, epoch=self.epoch,
-                           world_size=dist.world_size(), restart=c.force_restart,
-                           resumed_from=f"{plan.root}/{plan.name}" if plan.name else None,
-                           heartbeat=plan.progress)
+        marker = self.records.start(step=self.global_step, epoch=self.epoch,
+                                    world_size=dist.world_size(), restart=c.force_restart,
+                                    resumed_from=where if plan.name else None,
+                                    heartbeat=plan.progress)
+        if info is not None:
+            self._log_resume(where, info, plan, marker)
         return None
+
+    def _epoch_label(self) -> int:
+        """The epoch a step belongs to, counted from 1 as the logs count: the epoch in progress,
+        or at an epoch boundary the one just completed. Manifests, records, ``progress.json``
+        and COMPLETE use it; ``self.epoch`` is the 0-based index of the epoch in progress."""
+        return max(1, self.epoch + 1 if self.samples_done else self.epoch)
 
     def _best(self) -> tuple[int | None, float | None]:
         """(best epoch, counted from 1, and its value) as early stopping knows them."""
@@ -374,11 +390,18 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise CheckpointError(f"{where} could not be loaded ({type(exc).__name__}: "
                                   f"{str(exc)[:300]})") from None
+        self._check_limits()
+
+    def _log_resume(self, where: str, info: CheckpointInfo, plan: StartPlan,
+                    marker: dict[str, Any] | None) -> None:
+        """Rank 0: what was resumed, and how many steps are replayed: the same figure as the
+        run records' ``resume`` marker (the interrupted launch's last record or the checkpoint
+        heartbeat, whichever got further)."""
         assert info.manifest is not None
         age = time.time() - info.manifest.created
         progress = plan.progress or {}
+        reached = int(marker["last_step"]) if marker else progress.get("step", -1)
         lost = ""
-        reached = progress.get("step", -1)
         if plan.kind == "complete":
             lost = "; the run is complete"
         elif reached > self.global_step:
@@ -388,7 +411,6 @@ class Trainer:
             lost = "; it was written at a preemption notice, so no steps are lost"
         log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch, saved %.0fs "
                  "ago%s", where, self.epoch + 1, self.global_step, self.samples_done, age, lost)
-        self._check_limits()
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.raw_module.load_state_dict(state["model"])
@@ -447,6 +469,16 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", generator=gen,
                           worker_init_fn=_worker_init if t.num_workers else None)
 
+    def _forward(self, model: torch.nn.Module, inputs: Any) -> Any:
+        """The task's ``forward(model, inputs)`` if it has one; else a mapping of inputs goes in
+        as keyword arguments (``model(**inputs)``, as Hugging Face models take them) and
+        anything else as one argument."""
+        task = self.task
+        assert task is not None
+        if task.forward is not None:
+            return task.forward(model, inputs)
+        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         precision = self.config.train.precision
         if precision == "32":
@@ -463,7 +495,7 @@ class Trainer:
         progress = Progress(progress_enabled(cfg.log.progress, dist.rank()))
         self.model.train()
         started, samples = time.perf_counter(), 0
-        for i, (inputs, target) in enumerate(progress.wrap(loader, n, f"epoch {self.epoch}")):
+        for i, (inputs, target) in enumerate(progress.wrap(loader, n, f"epoch {self.epoch + 1}")):
             group_start = i - i % accum
             group_size = min(accum, n - group_start)
             last_micro = i == group_start + group_size - 1
@@ -482,7 +514,7 @@ class Trainer:
         no_sync = isinstance(self.model, DDP) and not sync
         with self.model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
             with self._autocast():
-                loss = self.task.loss_fn(self.model(inputs), target)  # type: ignore[union-attr]
+                loss = self.task.loss_fn(self._forward(self.model, inputs), target)  # type: ignore[union-attr]
             scaled = loss * scale
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         count = _batch_len(target)
@@ -540,7 +572,7 @@ class Trainer:
         if self._first_step_at is None:
             self._first_step_at = time.perf_counter() - self._fit_started
             log.info("first optimizer step done %.2fs after start-up began", self._first_step_at)
-        self.checkpointer.note_progress(self.global_step, self.epoch)
+        self.checkpointer.note_progress(self.global_step, self._epoch_label())
         self._check_shutdown_budget()
         self._agree()
         if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
@@ -590,8 +622,9 @@ class Trainer:
         self._save(metric=None, blocking=True)
         if dist.any_rank(not self.checkpointer.committed(self.global_step)):
             raise SaveFailedError("the emergency checkpoint could not be written")
-        self.checkpointer.note_progress(self.global_step, self.epoch, reason="preempted")
-        self.records.end("preempted", step=self.global_step, epoch=self.epoch, reason=name)
+        self.checkpointer.note_progress(self.global_step, self._epoch_label(), reason="preempted")
+        self.records.end("preempted", step=self.global_step, epoch=self._epoch_label(),
+                         reason=name)
         if dist.rank() == 0:
             log.warning("emergency checkpoint committed in %.1fs; exiting with code %d "
                         "(preempted)", time.perf_counter() - started, exitcodes.PREEMPTED)
@@ -650,7 +683,7 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             for inputs, target in self._loader(task.val_dataset, sampler, "val"):
                 inputs, target = _to(inputs, self.device), _to(target, self.device)
-                output = self.module(inputs)
+                output = self._forward(self.module, inputs)
                 n = _batch_len(target)
                 sums[0] += float(task.loss_fn(output, target).double()) * n
                 sums[1] += n
@@ -709,7 +742,7 @@ class Trainer:
         shared, per_rank = self._snapshot()
         cfg = self.config
         es = cfg.early_stop
-        meta = Meta(epoch=self.epoch, world_size=dist.world_size(), final=final,
+        meta = Meta(epoch=self._epoch_label(), world_size=dist.world_size(), final=final,
                     # the manifest is strict JSON: a NaN/inf metric is recorded as null (no rank)
                     metric=None if metric is None else Metric(
                         es.monitor, metric if math.isfinite(metric) else None, es.mode),  # type: ignore[arg-type]
@@ -746,10 +779,11 @@ class Trainer:
                 "step": self.global_step, "epoch": self.epoch, "reason": self.stop_reason,
                 "config_fingerprint": self.config.fingerprint(),
                 "config": self.config.to_public_dict()})
-            self.checkpointer.note_progress(self.global_step, self.epoch, reason="finished")
+            self.checkpointer.note_progress(self.global_step, self._epoch_label(),
+                                            reason="finished")
         log.info("training finished after %d epochs, %d steps: %s%s", self.epoch,
                  self.global_step, self.stop_message, note)
-        self.records.end("finished", step=self.global_step, epoch=self.epoch,
+        self.records.end("finished", step=self.global_step, epoch=self._epoch_label(),
                          reason=self.stop_reason, message=self.stop_message + note)
         result = FitResult(self.stop_reason or "max_epochs", self.epoch, self.global_step,
                            self.history, self.stop_message + note, *self._best(), self.module)

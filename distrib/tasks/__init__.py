@@ -13,6 +13,7 @@ value per sample; the trainer averages them exactly over the whole validation se
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class Task:
         optimizer_factory: builds the optimizer; default: from ``--optimizer`` and friends.
         scheduler_factory: builds a per-optimizer-step LR scheduler; default: from ``--scheduler``.
         collate_fn: optional ``DataLoader`` collate function.
+        forward: ``forward(model, inputs) -> output``, for a model called any other way than
+            the default: ``model(**inputs)`` for a mapping of inputs (Hugging Face style),
+            ``model(inputs)`` otherwise. ``model`` is the DDP-wrapped module in training.
     """
 
     model: torch.nn.Module
@@ -56,6 +60,7 @@ class Task:
     optimizer_factory: OptimizerFactory | None = None
     scheduler_factory: SchedulerFactory | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
+    forward: Callable[[torch.nn.Module, Any], Any] | None = None
 
 
 TaskBuilder = Callable[[Config], Task]
@@ -77,25 +82,85 @@ def resolve_builder(spec: str) -> TaskBuilder:
     return builder  # type: ignore[no-any-return]
 
 
-def build_task(config: Config) -> Task:
-    """Seed torch, call the configured builder, and check that it returned a :class:`Task`.
+def build_task(config: Config, builder: TaskBuilder | None = None) -> Task:
+    """Seed torch, call ``builder`` (default: the one ``--task`` names), and check that it
+    returned a :class:`Task` and read every ``--task-arg`` it was given.
 
     Any error the builder raises is a :class:`ConfigError` (the command line's exit code 2): a
     task that cannot be built from these options will not build on a retry either.
     """
-    builder = resolve_builder(config.train.task)
+    if builder is None:
+        builder, name = resolve_builder(config.train.task), config.train.task
+    else:
+        name = f"{getattr(builder, '__module__', '?')}:{getattr(builder, '__qualname__', '?')}"
     torch.manual_seed(config.train.seed)
+    view, args = _tracking(config)
     try:
-        task = builder(config)
+        task = builder(view)
     except ConfigError:
         raise
     except (Exception, MemoryError) as exc:
-        raise ConfigError(f"--task: {config.train.task} failed: {type(exc).__name__}: "
+        raise ConfigError(f"--task: {name} failed: {type(exc).__name__}: "
                           f"{str(exc)[:300]}") from None
     if not isinstance(task, Task):
-        raise ConfigError(f"--task: {config.train.task} returned {type(task).__name__}, "
+        raise ConfigError(f"--task: {name} returned {type(task).__name__}, "
                           "expected a distrib.Task")
+    unread = sorted(set(dict.keys(args)) - args.read)
+    if unread:
+        raise ConfigError(f"--task-arg: {name} does not use {', '.join(map(repr, unread))} "
+                          f"(it reads: {', '.join(sorted(args.read)) or 'none'})")
     return task
+
+
+class _ReadArgs(dict):  # type: ignore[type-arg]
+    """``task_args`` that remember which keys the task looked at (iterating reads them all)."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return str(super().__getitem__(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+    def _all(self) -> None:
+        self.read |= set(super().keys())
+
+    def keys(self) -> Any:
+        self._all()
+        return super().keys()
+
+    def items(self) -> Any:
+        self._all()
+        return super().items()
+
+    def values(self) -> Any:
+        self._all()
+        return super().values()
+
+    def __iter__(self) -> Any:
+        self._all()
+        return super().__iter__()
+
+    def copy(self) -> dict[str, str]:
+        self._all()
+        return dict(super().items())
+
+
+def _tracking(config: Config) -> tuple[Config, _ReadArgs]:
+    """A copy of ``config`` whose ``train.task_args`` records what the task reads."""
+    args = _ReadArgs(config.train.task_args)
+    train = dataclasses.replace(config.train)
+    object.__setattr__(train, "task_args", args)  # frozen: the copy is only the task's view
+    return dataclasses.replace(config, train=train), args
 
 
 def task_arg(config: Config, key: str, kind: Callable[[str], Any], default: Any, *,
