@@ -67,7 +67,10 @@ def flag_name(name: str) -> str:
     return _FLAG_OVERRIDES.get(name, "--" + name.replace("_", "-"))
 
 
-_FLAG_OVERRIDES = {"task_args": "--task-arg", "storage_options": "--storage-option"}
+_FLAG_OVERRIDES = {"task_args": "--task-arg", "storage_options": "--storage-option",
+                   # not --monitor: torchrun would take it for an abbreviation of its own
+                   # --monitor-interval (and refuse it as ambiguous) before distrib saw it
+                   "monitor": "--monitor-metric"}
 
 
 def _fail(name: str, message: str) -> NoReturn:
@@ -246,8 +249,8 @@ class CheckpointConfig:
     save_every_epochs: int = _opt(1, "checkpoint at the end of every N epochs (0: off; the last "
                                   "epoch is always saved)", fingerprint=False, lo=0, hi=_BIG)
     keep_last: int = _opt(3, "keep the newest K checkpoints", fingerprint=False, lo=1, hi=10**6)
-    keep_best: int = _opt(0, "also keep the K best checkpoints by --monitor", fingerprint=False,
-                          lo=0, hi=10**6)
+    keep_best: int = _opt(0, "also keep the K best checkpoints by --monitor-metric",
+                          fingerprint=False, lo=0, hi=10**6)
     async_save: bool = _opt(True, "write checkpoints in a background thread after a quick "
                             "in-memory snapshot", fingerprint=False)
     shard_size_mb: float = _opt(256.0, "largest checkpoint shard file, in MB", fingerprint=False,
@@ -291,14 +294,16 @@ class EarlyStopConfig:
 
     monitor: str = _opt("val_loss", "the metric that decides 'better': val_loss, train_loss or "
                         "val_<name> for a metric the task reports", resume="fixed")
-    mode: str = _opt("min", "whether lower (min) or higher (max) values of --monitor are better",
-                     choices=MODES, resume="fixed")
-    early_stop: bool = _opt(True, "stop when --monitor stops improving")
+    mode: str = _opt("min", "whether lower (min) or higher (max) values of --monitor-metric "
+                     "are better", choices=MODES, resume="fixed")
+    early_stop: bool = _opt(True, "stop when --monitor-metric stops improving")
     patience: int = _opt(3, "evaluations without improvement before stopping", lo=0, hi=_BIG)
     min_delta: float = _opt(0.0, "an improvement must beat the best by more than this", lo=0)
-    stopping_threshold: float | None = _opt(None, "stop once --monitor is better than this")
-    divergence_threshold: float | None = _opt(None, "stop once --monitor is worse than this")
-    check_finite: bool = _opt(True, "stop when --monitor is NaN or infinite")
+    stopping_threshold: float | None = _opt(None, "stop once --monitor-metric is better than "
+                                            "this")
+    divergence_threshold: float | None = _opt(None, "stop once --monitor-metric is worse than "
+                                              "this")
+    check_finite: bool = _opt(True, "stop when --monitor-metric is NaN or infinite")
     baseline: float | None = _opt(None, "improvements count only once they beat this value")
     start_from_epoch: int = _opt(0, "ignore the evaluations of the first N epochs", lo=0,
                                  hi=_BIG)

@@ -44,7 +44,7 @@ BAD_INPUTS = [
     (["--task", "distrib.tasks.classifier"], "--task: must be MODULE:FUNCTION"),
     (["--checkpoint-dir", "bogus://x/y"], "--checkpoint-dir: unsupported URL scheme 'bogus'"),
     (["--loss", "mse"], "--loss: the classifier task supports auto or cross-entropy"),
-    (["--monitor", "val_f1"], "--monitor: 'val_f1' is not reported by this task"),
+    (["--monitor-metric", "val_f1"], "--monitor-metric: 'val_f1' is not reported by this task"),
     (["--task-arg", "hiden=3"], "--task-arg: unknown key 'hiden'"),
     (["--task-arg", "hidden=big"], "--task-arg: hidden='big' is not a valid int"),
     (["--config", "missing.toml"], "--config: file not found"),
@@ -97,7 +97,7 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
                  "--lr", "--optimizer", "--weight-decay", "--momentum", "--scheduler",
                  "--grad-accum-steps", "--clip-grad-norm", "--clip-grad-value", "--precision",
                  "--seed", "--num-workers", "--save-every-steps", "--save-every-epochs",
-                 "--eval-every-epochs", "--no-progress", "--config", "--monitor", "--patience",
+                 "--eval-every-epochs", "--no-progress", "--config", "--monitor-metric", "--patience",
                  "--no-check-finite", "--restore-best", "--resume", "--force-restart"):
         assert flag in proc.stdout, flag
     assert str(REPO) not in proc.stdout
@@ -115,3 +115,20 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path: Path) -> No
     forced = run_cli(common + ["--resume", "never", "--force-restart"], cwd=REPO)
     assert forced.returncode == 0, forced.stderr
     assert "deleted" in forced.stderr
+
+
+def test_every_flag_passes_through_torchruns_own_parser() -> None:
+    """torchrun parses its whole command line first; a distrib.train flag that is an ambiguous
+    abbreviation of a torchrun option (--monitor for --monitor-interval) never reaches distrib."""
+    from torch.distributed.run import get_args_parser
+
+    from distrib.config import build_parser
+
+    parser = build_parser()
+    flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    assert "--monitor-metric" in flags and "--monitor" not in flags
+    for flag in flags:
+        for argv in ([flag, "x"], [f"{flag}=x"]):
+            args = get_args_parser().parse_args(["--nproc_per_node=2", "-m", "distrib.train",
+                                                 *argv])
+            assert args.training_script == "distrib.train" and args.training_script_args == argv

@@ -52,7 +52,7 @@ def test_nan_on_one_rank_stops_every_rank_with_the_reason_logged(tmp_path: Path)
 
 
 @pytest.mark.parametrize("extra", [
-    ["--grad-accum-steps", "3", "--patience", "0", "--monitor", "train_loss", "--mode", "max"],
+    ["--grad-accum-steps", "3", "--patience", "0", "--monitor-metric", "train_loss", "--mode", "max"],
     ["--grad-accum-steps", "3", "--max-steps", "5"],
 ], ids=["early-stop-with-leftover-micro-steps", "max-steps-mid-accumulation"])
 def test_stopping_with_accumulation_and_uneven_last_batch_does_not_hang(
@@ -71,7 +71,7 @@ def test_interrupted_with_counter_at_two_stops_at_the_same_epoch(tmp_path: Path)
     first step of epoch 5 and is started again resumes with counter 2 and stops after the same
     epoch, with bit-identical weights (dropout included)."""
     argv = BASE + ["--task", "tests.tasks:tiny", "--task-arg", "dropout=0.2", "--lr", "0.3",
-                   "--max-epochs", "30", "--monitor", "val_accuracy", "--mode", "max",
+                   "--max-epochs", "30", "--monitor-metric", "val_accuracy", "--mode", "max",
                    "--patience", "3", "--no-async-save"]
     straight = _runs(launch_ranks("fit", tmp_path / "a", {
         "runs": [argv + ["--checkpoint-dir", str(tmp_path / "ck-a")]]}))[0]
@@ -101,7 +101,7 @@ def test_interrupted_with_counter_at_two_stops_at_the_same_epoch(tmp_path: Path)
 def test_restore_best_weights_in_model_and_final_checkpoint(tmp_path: Path) -> None:
     ck = tmp_path / "ck"
     argv = BASE + ["--task", "tests.tasks:tiny", "--lr", "0.3", "--max-epochs", "30",
-                   "--monitor", "val_accuracy", "--mode", "max", "--patience", "3",
+                   "--monitor-metric", "val_accuracy", "--mode", "max", "--patience", "3",
                    "--restore-best", "--checkpoint-dir", str(ck)]
     results = launch_ranks("fit", tmp_path / "out", {"runs": [argv], "snapshots": True})
     runs = _runs(results)

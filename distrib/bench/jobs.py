@@ -171,8 +171,7 @@ def figure_6(settings: Settings) -> Figure:
     common = ["--task", "distrib.bench.tasks:mlp", *state_args(int(settings.size_mb * MB)),
               "--batch-size", "4", "--optimizer", "adam", "--no-progress", "--max-epochs", "1",
               "--save-every-epochs", "0", "--task-arg", "val=16", "--no-early-stop"]
-    # (no --monitor: torchrun's own parser would take it for an abbreviation of its
-    # --monitor-interval; the default val_loss is used, hence the small validation set)
+    # (the default --monitor-metric val_loss is used, hence the small validation set)
     resumed = os.path.join(root, "resume")
     prepare = subprocess.run(torchrun("-m", "distrib.train", *common, "--checkpoint-dir", resumed,
                                       "--max-steps", "1"), env=job_env(), capture_output=True,

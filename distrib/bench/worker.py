@@ -136,7 +136,7 @@ def steps(args: dict[str, Any]) -> dict[str, Any]:
         "losses")}
     for rep in range(args["reps"]):
         cfg = config(args, os.path.join(args["dir"], f"steps-{rep}"), "--max-epochs",
-                     str(args["epochs"]), "--monitor", "val_loss", "--patience", "1000")
+                     str(args["epochs"]), "--monitor-metric", "val_loss", "--patience", "1000")
         for side in ((0, 1) if rep % 2 == 0 else (1, 0)):
             if side == 0:
                 trainer, stamps, ours = fit(cfg, TimedTrainer)
@@ -162,7 +162,7 @@ def ckpt(args: dict[str, Any]) -> dict[str, Any]:
     per_step = args["batch"] * dist.world_size()
     args = {**args, "samples": (calib_steps + 5) * per_step}
     trainer, stamps, _ = fit(config(args, os.path.join(root, "calibrate"), "--max-steps",
-                                    str(calib_steps), "--monitor", "train_loss",
+                                    str(calib_steps), "--monitor-metric", "train_loss",
                                     "--no-early-stop"))
     step_s, save_s = dist.broadcast_object(
         (mean_interval(stamps), trainer.checkpointer.last_save_seconds))
@@ -174,7 +174,7 @@ def ckpt(args: dict[str, Any]) -> dict[str, Any]:
                            "saves_waited_s": []}
     for rep in range(args["reps"]):
         for side in ((0, 1) if rep % 2 == 0 else (1, 0)):
-            extra = ["--max-steps", str(total), "--monitor", "train_loss", "--no-early-stop",
+            extra = ["--max-steps", str(total), "--monitor-metric", "train_loss", "--no-early-stop",
                      "--save-every-steps", str(every if side else 0), "--async-save"]
             trainer, stamps, _ = fit(config(args, os.path.join(root, f"r{rep}-{side}"), *extra))
             out["ckpt_step_s" if side else "plain_step_s"].append(mean_interval(stamps))
