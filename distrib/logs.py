@@ -50,10 +50,12 @@ class Progress:
             yield from items
             return
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self._bar = tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True)
-        try:
-            yield from self._bar
+        try:  # log lines go through tqdm.write, above the bar, instead of over it
+            with logging_redirect_tqdm(loggers=[logging.getLogger("distrib")]):
+                yield from self._bar
         finally:
             self._bar.close()
             self._bar = None

@@ -245,12 +245,14 @@ class RunRecords:
     # ------------------------------------------------------------------ events
 
     def start(self, *, step: int, epoch: int, world_size: int, resumed_from: str | None,
-              restart: bool, heartbeat: Mapping[str, Any] | None = None) -> None:
+              restart: bool, heartbeat: Mapping[str, Any] | None = None
+              ) -> dict[str, Any] | None:
         """Open this launch's segment. On a resume (or a fresh start after an interruption)
         also write the ``resume`` marker: how far the previous segment got (its last record, or
-        the checkpoint heartbeat ``heartbeat`` if that got further) and the time lost since."""
+        the checkpoint heartbeat ``heartbeat`` if that got further) and the time lost since.
+        Returns that marker (None when there is none, or records are off)."""
         if self.storage is None:
-            return
+            return None
         now = datetime.datetime.now(datetime.timezone.utc)
         name = f"records-{now.strftime('%Y%m%dT%H%M%S.%f')[:-3]}Z-{uuid.uuid4().hex[:6]}.jsonl"
         previous = None if restart else self._previous_tail()
@@ -266,8 +268,11 @@ class RunRecords:
         self._last = (time.time(), step)
         self._write({"kind": "start", "step": step, "epoch": epoch + 1, "world_size": world_size,
                      "resumed_from": resumed_from, "restart": restart}, urgent=True)
-        if previous is not None:
-            self._write(resume_marker(previous, step, heartbeat), urgent=True)
+        if previous is None:
+            return None
+        marker = resume_marker(previous, step, heartbeat)
+        self._write(marker, urgent=True)
+        return marker
 
     def _previous_tail(self) -> dict[str, Any] | None:
         """The last record of the newest earlier segment, with ``last_step``: the highest step
@@ -323,7 +328,8 @@ class RunRecords:
 
     def end(self, status: str, *, step: int, epoch: int, reason: str | None = None,
             message: str = "") -> None:
-        """The run ends here (``finished``, ``preempted`` or ``failed``): write, flush, close."""
+        """The run ends here (``finished``, ``preempted`` or ``failed``): write, flush, close.
+        ``epoch`` counts from 1: the epoch in progress, or the one just completed."""
         if self.storage is None or self.segment is None:
             return
         self._write({"kind": "end", "status": status, "step": step, "epoch": epoch,

@@ -6,7 +6,10 @@ it works on a finished run, an interrupted one and one still in progress. The PN
 Agg backend, no display) shows loss per epoch with the best and the early-stopping epoch, the
 learning rate, and a time axis with checkpoint saves, interruptions and resumes.
 
-Exit codes: 0 done; 2 bad input (no records there, bad URL) or matplotlib missing.
+The summary needs nothing beyond distrib; the picture needs matplotlib (``--no-plot`` skips it).
+
+Exit codes: 0 done; 2 bad input (no records there, bad URL, an --out that is not a writable
+.png path) or matplotlib missing (after the summary is printed).
 """
 
 from __future__ import annotations
@@ -123,15 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the log dir or the checkpoint dir")
     parser.add_argument("--out", default="report.png", help="the PNG to write (default: %(default)s)")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="print the summary only (no matplotlib needed)")
     parser.add_argument("--storage-option", type=parse_key_value, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="an fsspec storage option (repeatable)")
     args = parser.parse_args(argv)
     try:
-        _check_out(args.out)
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("drawing needs matplotlib, which is not installed "
-                             "(pip install 'distrib[plot]')")
+        if not args.no_plot:
+            _check_out(args.out)
         options = parse_options(dict(args.storage_option))
         storage = find_records(args.run_dir, options)
         history = read_history(storage)
@@ -142,6 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {args.run_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     summary = summarize(history)
+    print(f"run records: {storage.url} ({history.segments} segment(s))")
+    for line in summary.lines():
+        print(line)
+    sys.stdout.flush()
+    if args.no_plot:
+        return 0
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"{PROG}: error: the picture needs matplotlib, which is not installed (pip install "
+              "'distrib[plot]'; or --no-plot for the summary only)", file=sys.stderr)
+        return 2
     from distrib.plot import draw
 
     try:
@@ -149,9 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    print(f"run records: {storage.url} ({history.segments} segment(s))")
-    for line in summary.lines():
-        print(line)
     print(f"wrote {args.out} ({width}x{height})")
     return 0
 

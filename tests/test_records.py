@@ -163,9 +163,19 @@ def test_missing_optional_packages_are_one_line_and_exit_2(
     assert train_main(["--tensorboard", "--checkpoint-dir", str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tensorboard: the tensorboard package is not installed" in err[0]
-    assert report_main([str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    assert list(tmp_path.iterdir()) == []
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"
+    logs.mkdir()
+    (logs / "records-20261121T000000.000Z-abcdef.jsonl").write_text(
+        '{"kind": "start", "time": 1795000000.0, "step": 0, "epoch": 1}\n'
+        '{"kind": "end", "time": 1795000060.0, "status": "finished", "step": 8, "epoch": 2}\n')
+    assert report_main([str(logs)]) == 2  # the summary, then why there is no picture
+    out = capsys.readouterr()
+    assert "status: finished" in out.out
+    err = out.err.strip().splitlines()
     assert len(err) == 1 and "pip install 'distrib[plot]'" in err[0]
+    assert report_main([str(logs), "--no-plot"]) == 0
+    assert "status: finished" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
 
 
