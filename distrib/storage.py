@@ -22,6 +22,7 @@ never included in error messages.
 
 from __future__ import annotations
 
+import abc
 import errno
 import logging
 import os
@@ -108,8 +109,18 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-class Storage:
-    """The interface; see the module docstring. ``url`` is the root, without secrets."""
+class Storage(abc.ABC):
+    """The interface; see the module docstring. ``url`` is the root, without secrets.
+
+    The contract every implementation keeps (pinned by ``tests/storage_contract.py``, run
+    against local disk, ``memory://``, S3 and a registered scheme): absent paths list as ``[]``,
+    size as None, read as FileNotFoundError, delete silently; :meth:`write_new` raises
+    FileExistsError for the second of two creators; :meth:`rename_dir` onto an existing
+    directory raises FileExistsError; :meth:`read_segments` raises StorageError when the file is
+    not the expected size; a path that leaves the root raises UnsafePath. Implement the
+    abstract methods; a scheme that is not an fsspec file system is plugged in with
+    :func:`register_storage`.
+    """
 
     url: str
     #: whether :meth:`rename_dir` exists (atomic directory commit) or commits are create-only
@@ -117,12 +128,13 @@ class Storage:
     #: whether :meth:`append` exists (object stores cannot append: rewrite the file instead)
     supports_append = False
 
+    @abc.abstractmethod
     def list(self, rel: str = "") -> list[str]:
         """Names of the direct children of ``rel`` (files and directories); [] if it is absent."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def exists(self, rel: str) -> bool:
-        raise NotImplementedError
+        """Whether ``rel`` (a file or a directory) exists."""
 
     def sizes(self, rel: str) -> dict[str, int]:
         """The regular files directly inside directory ``rel`` and their sizes ({} if it is
@@ -130,14 +142,14 @@ class Storage:
         return {name: size for name in self.list(rel)
                 if (size := self.size(f"{rel}/{name}" if rel else name)) is not None}
 
+    @abc.abstractmethod
     def size(self, rel: str) -> int | None:
         """The size of file ``rel`` in bytes, or None if it does not exist."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, rel: str, limit: int | None = None) -> bytes:
         """The bytes of file ``rel``. With ``limit``, StorageError if it holds more than that
         many bytes (nothing beyond ``limit + 1`` bytes is read into memory)."""
-        raise NotImplementedError
 
     def probe(self) -> str | None:
         """Check, without writing anything, that checkpoints can be written here: the root is
@@ -159,26 +171,26 @@ class Storage:
             consume(out)
             pos += len(out)
 
+    @abc.abstractmethod
     def write(self, rel: str, chunks: Sequence[Buffer]) -> None:
         """Write (replace) file ``rel`` from ``chunks`` durably: it is on stable storage on return."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write_new(self, rel: str, data: bytes) -> None:
         """Create file ``rel`` only if it does not exist; FileExistsError if another writer won."""
-        raise NotImplementedError
 
     def append(self, rel: str, data: bytes) -> None:
         """Append ``data`` to file ``rel`` (created if absent), without fsync: it survives the
         process being killed, not the machine failing. Only where :attr:`supports_append`."""
         raise NotImplementedError(f"{self.url} cannot append")
 
+    @abc.abstractmethod
     def delete(self, rel: str) -> None:
         """Delete file ``rel``; missing is fine."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delete_tree(self, rel: str) -> None:
         """Delete directory ``rel`` and everything under it; missing is fine."""
-        raise NotImplementedError
 
     def rename_dir(self, src: str, dst: str) -> None:
         """Atomically rename directory ``src`` to ``dst``; FileExistsError if ``dst`` exists."""
@@ -525,7 +537,7 @@ def _is_local(url: str) -> bool:
 
 def check_url(url: str) -> None:
     """Raise ValueError with a user-facing message if ``url``'s scheme cannot be used here."""
-    if _is_local(url):
+    if _is_local(url) or url.split("://", 1)[0] in _SCHEMES:
         return
     scheme = url.split("://", 1)[0]
     import fsspec
@@ -542,8 +554,25 @@ def check_url(url: str) -> None:
             from None
 
 
+StorageFactory = Callable[[str, Mapping[str, Any]], Storage]
+_SCHEMES: dict[str, StorageFactory] = {}
+
+
+def register_storage(scheme: str, factory: StorageFactory) -> None:
+    """Use ``factory(url, options)`` for URLs ``scheme://...`` (before fsspec is asked): a
+    storage that is not an fsspec file system, or a different implementation for one that is.
+    Register it in every process that opens such URLs (all ranks, and the ``ckpt`` tool)."""
+    if not scheme or "://" in scheme or scheme in ("file",):
+        raise ValueError(f"cannot register the scheme {scheme!r}")
+    _SCHEMES[scheme] = factory
+
+
 def open_storage(url: str, options: Mapping[str, Any] | None = None) -> Storage:
-    """The storage for ``url``: local disk for plain paths and ``file://``, fsspec otherwise."""
+    """The storage for ``url``: a registered scheme's, local disk for plain paths and
+    ``file://``, fsspec otherwise."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in _SCHEMES:
+        return _SCHEMES[scheme](url, options or {})
     check_url(url)
     if _is_local(url):
         return LocalStorage(url[len("file://"):] if url.startswith("file://") else url)
