@@ -109,3 +109,25 @@ def failing(config: Config) -> Task:
 
     task.model = Boom(task.model)
     return task
+
+
+def gated(config: Config) -> Task:
+    """``tiny`` whose first training step waits until the file named by ``--task-arg gate=PATH``
+    exists (at most 120 s), so a test can act while a run is known to be in progress."""
+    import os
+    import time
+
+    task = tiny(config)
+    gate = task_arg(config, "gate", str, "")
+    opened = [not gate]
+
+    def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        if not opened[0] and model.training:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            opened[0] = True
+        return model(inputs)
+
+    task.forward = forward
+    return task

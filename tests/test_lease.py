@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -11,13 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from distrib import Config, Trainer
+from distrib import Config, Task, Trainer
 from distrib.checkpoint import CheckpointError
 from distrib.lease import Lease, LeaseHeld, run_identity
 from distrib.storage import LocalStorage, open_storage
 
 from .conftest import REPO, base_env, torchrun
+from .tasks import tiny
 
 
 def _holder(storage: LocalStorage, gen: int = 1, **fields: object) -> None:
@@ -134,27 +138,44 @@ def test_run_identity_sources() -> None:
 
 
 def test_the_trainer_stops_when_another_run_takes_over(tmp_path: Path) -> None:
+    """Another run takes the lease mid-epoch (the step waits until the heartbeat has seen it):
+    the trainer stops with one error and writes nothing more."""
     ck = tmp_path / "ck"
-    config = Config.from_args(["--task", "tests.tasks:tiny", "--task-arg", "train=4096",
+    config = Config.from_args(["--task", "tests.tasks:tiny", "--task-arg", "train=512",
                                "--max-epochs", "3", "--batch-size", "8", "--no-progress",
                                "--checkpoint-dir", str(ck), "--lease-timeout", "1",
                                "--log-every-steps", "0"])
     storage = open_storage(str(ck))
+    seen = threading.Event()
 
-    def usurp() -> None:
-        deadline = time.monotonic() + 60
-        while not storage.list("") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        gens = sorted(n for n in storage.list("") if n.startswith("lease-"))
-        top = int(gens[-1][6:15]) if gens else 0
-        _holder(storage, gen=top + 1)  # type: ignore[arg-type]
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "took over" in record.getMessage():
+                seen.set()
 
-    thread = threading.Thread(target=usurp)
-    thread.start()
-    with pytest.raises(CheckpointError, match="another run took over"):
-        Trainer(config).fit()
-    thread.join()
+    def build(cfg: Config) -> Task:
+        task = tiny(cfg)
+        calls = [0]
+
+        def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            if calls[0] == 20:  # mid-epoch 1: another run takes the lease
+                gens = sorted(n for n in storage.list("") if n.startswith("lease-"))
+                _holder(storage, gen=int(gens[-1][6:15]) + 1)  # type: ignore[arg-type]
+                assert seen.wait(30), "the lease heartbeat never noticed"
+            return model(inputs)
+
+        task.forward = forward
+        return task
+
+    handler = Seen()
+    logging.getLogger("distrib.lease").addHandler(handler)
+    try:
+        with pytest.raises(CheckpointError, match="another run took over"):
+            Trainer(config, task=build).fit()
+    finally:
+        logging.getLogger("distrib.lease").removeHandler(handler)
+    assert not list(ck.glob("step-*"))  # nothing written after the takeover
 
 
 @pytest.mark.slow
@@ -162,7 +183,8 @@ def test_two_jobs_on_one_directory(tmp_path: Path) -> None:
     """Two real torchrun launches with different seeds on one --checkpoint-dir: the second
     exits 2 naming the holder; the first finishes untouched."""
     ck = tmp_path / "ck"
-    common = ["--task", "tests.tasks:tiny", "--task-arg", "train=20000", "--batch-size", "16",
+    gate = tmp_path / "gate"
+    common = ["--task", "tests.tasks:gated", "--task-arg", f"gate={gate}", "--batch-size", "16",
               "--max-epochs", "1", "--no-progress", "--no-early-stop", "--lease-timeout", "4",
               "--save-every-steps", "100", "--checkpoint-dir", str(ck)]
     env = base_env()
@@ -176,10 +198,11 @@ def test_two_jobs_on_one_directory(tmp_path: Path) -> None:
                              "--nproc_per_node=2", "-m", "distrib.train", *common,
                              "--seed", "2"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
+    gate.touch()  # the first run waited at its first step until the second had been refused
     _, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]
-    assert "is in use by run TORCHELASTIC_RUN_ID=" in second.stderr
+    assert "is in use by run TORCHELASTIC_RUN_ID=" in second.stderr, second.stderr
     assert "resumed from" not in first_err + second.stderr
     assert [p.name for p in ck.glob("lease-*")] == []  # released at the end
     assert (ck / "COMPLETE").exists()
