@@ -73,6 +73,13 @@ def setup(timeout_s: float) -> tuple[DistInfo, bool]:
         torch.cuda.set_device(info.device)
     if info.world_size == 1 or tdist.is_initialized():
         return info, False
+    # torch.distributed.nn.functional puts ``group.WORLD`` into its functions' default arguments
+    # when it is first imported. DDP imports it lazily (through torch._dynamo); imported after
+    # the group exists, it would keep the group alive after destroy_process_group(): its gloo
+    # threads would then meet interpreter finalization, and one that drops the last reference
+    # to a finished Work while the main thread finalizes aborts the process ("terminate called
+    # without an active exception"). Imported before the group exists, it holds None.
+    import torch.distributed.nn.functional  # noqa: F401
     backend = "nccl" if info.device.type == "cuda" else "gloo"
     tdist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
                              timeout=datetime.timedelta(seconds=timeout_s))
@@ -89,6 +96,9 @@ def teardown(graceful: bool = False) -> None:
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``); a peer whose store client is still alive when the
     server goes away can abort with "terminate called without an active exception". So peers
     report through the store that they have left, and rank 0 waits for them (bounded).
+
+    The group's threads and store really go away only when nothing references the group any
+    more: callers drop what holds it (a DDP module, a pending Work) first.
     """
     if not (tdist.is_available() and tdist.is_initialized()):
         return

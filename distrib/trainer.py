@@ -177,6 +177,10 @@ class Trainer:
             if checkpointer is not None:
                 checkpointer.close()  # rank 0: the writers are done, the lease is released
             if owns_group:
+                # DDP's reducer holds the group: drop the wrapper first, or the group (its gloo
+                # threads, its store) would outlive teardown until the trainer is collected
+                if hasattr(self, "module"):
+                    self.model = self.module
                 dist.teardown(graceful=graceful)
 
     def _fit(self) -> FitResult:
@@ -301,7 +305,7 @@ class Trainer:
             log.info("nothing to do (use --force-restart to train again)")
             return FitResult("already_complete", self.epoch, self.global_step, self.history,
                              plan.message, *self._best(), self.module if plan.name else None)
-        marker = self.records.start(step=self.global_step, epoch=self.epoch,
+        marker = self.records.start(step=self.global_step, epoch=self.epoch + 1,
                                     world_size=dist.world_size(), restart=c.force_restart,
                                     resumed_from=where if plan.name else None,
                                     heartbeat=plan.progress)

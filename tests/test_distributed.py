@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed import TCPStore
 
 from distrib import Config, Trainer
 
@@ -138,3 +139,28 @@ def test_lagged_agreement_spaces_exchanges_and_every_rank_acts_at_the_same_call(
     interval = max(zero["intervals"])
     assert 2 <= interval <= 20, zero["intervals"]  # ~40 ms / ~4-6 ms per call
     assert 30 < call <= 30 + 2 * interval
+
+
+def _fit_loop(tmp_path: Path, runs: int, prewarm: bool) -> None:
+    servers = [TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False) for _ in range(runs)]
+    results = launch_ranks("fit_loop", tmp_path, {"ports": [s.port for s in servers],
+                                                  "prewarm": prewarm}, timeout=600)
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "terminate called" not in r.stderr, r.stderr[-3000:]
+        assert r.output is not None and r.output["codes"] == [0] * runs, r.stderr[-3000:]
+
+
+def test_the_group_does_not_outlive_fit(tmp_path: Path) -> None:
+    """Issue 12 item 13, the cause: ``torch.distributed.nn.functional``, imported lazily by DDP
+    once the group exists, kept the group in default arguments, so after ``fit()`` its gloo
+    threads lived on into interpreter finalization, where one could abort the process
+    ("terminate called without an active exception"). Fresh processes, nothing pre-imported:
+    after ``fit()`` the group must be gone (collected), and the exit clean."""
+    _fit_loop(tmp_path, runs=1, prewarm=False)
+
+
+def test_fifty_api_fits_exit_cleanly(tmp_path: Path) -> None:
+    """Issue 12 item 13, the proof: 50 two-rank ``Trainer.fit()`` runs through the Python API,
+    each rank a process that exits normally afterwards: no abort, no group left behind."""
+    _fit_loop(tmp_path, runs=50, prewarm=True)

@@ -7,6 +7,7 @@ scenario writes what it observed to ``OUT_DIR/rank<R>.json`` (and tensors to ``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -75,7 +76,7 @@ class RaiseAtStep(Callback):
 
 
 def save_output(out_dir: Path, data: dict[str, Any]) -> None:
-    (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(data, default=float))
+    (out_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps(data, default=float))
 
 
 def scenario_fit(out_dir: Path, args: dict[str, Any]) -> None:
@@ -200,9 +201,63 @@ def scenario_resume_each(out_dir: Path, args: dict[str, Any]) -> None:
     dist.teardown(graceful=True)
 
 
+def scenario_fit_loop(out_dir: Path, args: dict[str, Any]) -> None:
+    """``args["runs"]`` two-rank trainings through the Python API, each in a forked child that
+    creates and destroys its own process group in ``fit()`` and then exits the normal way
+    (interpreter finalization, where the abort of issue 12 item 13 happened). Iteration ``i``
+    meets its peer at the TCPStore on ``args["ports"][i]``, hosted by the test (as torchrun's
+    agent hosts it). A child exits 3 if the group outlived ``fit()``; the parent records every
+    child's exit code. ``args["prewarm"]`` imports torch._dynamo (1.5 s, which DDP would import
+    in every child) once in the parent; it also imports torch.distributed.nn.functional before
+    any group exists, so a run without it is what shows whether distrib does that itself.
+    Linux only (fork)."""
+    import gc
+    import traceback
+    import weakref
+
+    if args.get("prewarm"):
+        import torch._dynamo  # noqa: F401
+    gc.freeze()  # the children's final collection skips the inherited heap (exit: 1.4 s -> 0.4 s)
+
+    codes: dict[int, int] = {}
+    alive: list[tuple[int, int]] = []  # (run, pid): two runs at a time overlap exit and start
+    for i, port in enumerate(args["ports"]):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
+                groups: list[Any] = []
+
+                class Watch(Callback):
+                    def on_fit_start(self, trainer: Trainer) -> None:
+                        groups.append(weakref.ref(tdist.group.WORLD))
+
+                config = Config.from_args([
+                    "--task", "tests.tasks:tiny", "--max-epochs", "1", "--no-progress",
+                    "--batch-size", "32", "--log-level", "warning",
+                    "--checkpoint-dir", str(out_dir / f"ck{i}")])
+                trainer = Trainer(config, callbacks=[Watch()])  # stays referenced, as in a script
+                trainer.fit()
+                gc.collect()
+                if groups[0]() is not None:
+                    print(f"run {i}: the process group outlived fit()", file=sys.stderr)
+                    code = 3
+            except BaseException:
+                traceback.print_exc()
+                code = 4
+            sys.exit(code)  # unwinds to the interpreter: a normal exit, finalization included
+        alive.append((i, pid))
+        while len(alive) >= 2 or (alive and i == len(args["ports"]) - 1):
+            run, child = alive.pop(0)
+            codes[run] = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    save_output(out_dir, {"codes": [codes[i] for i in sorted(codes)]})
+
+
 SCENARIOS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
     "resume_each": scenario_resume_each,
     "fit": scenario_fit,
+    "fit_loop": scenario_fit_loop,
     "exact_eval": scenario_exact_eval,
     "agreement": scenario_agreement,
 }
