@@ -250,7 +250,8 @@ class RunRecords:
         """Open this launch's segment. On a resume (or a fresh start after an interruption)
         also write the ``resume`` marker: how far the previous segment got (its last record, or
         the checkpoint heartbeat ``heartbeat`` if that got further) and the time lost since.
-        Returns that marker (None when there is none, or records are off)."""
+        Returns that marker (None when there is none, or records are off). ``epoch`` counts
+        from 1 (the epoch the run continues in)."""
         if self.storage is None:
             return None
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -266,7 +267,7 @@ class RunRecords:
                 log.warning("run records: no TensorBoard events (%s: %s)", type(exc).__name__,
                             exc)
         self._last = (time.time(), step)
-        self._write({"kind": "start", "step": step, "epoch": epoch + 1, "world_size": world_size,
+        self._write({"kind": "start", "step": step, "epoch": epoch, "world_size": world_size,
                      "resumed_from": resumed_from, "restart": restart}, urgent=True)
         if previous is None:
             return None
@@ -302,6 +303,12 @@ class RunRecords:
         self._last = (now, step)
         self._write({"kind": "step", "step": step, "epoch": epoch + 1, "train_loss": train_loss,
                      "lr": lr, "grad_norm": grad_norm, "samples_per_s": rate})
+
+    def metrics(self, step: int, epoch: int, values: Mapping[str, float]) -> None:
+        """A ``step`` record of any values a loop logs (``epoch`` counts from 1)."""
+        if self.storage is None:
+            return
+        self._write({"kind": "step", "step": step, "epoch": epoch, **values})
 
     def epoch(self, metrics: Mapping[str, float], early_stopping: Any) -> None:
         """An epoch's reduced metrics (as the trainer logs them) and the early-stopping state."""
