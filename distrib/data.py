@@ -282,7 +282,12 @@ class TrainStream:
         state, in rank order) is what :meth:`load` can resume from in epoch ``epoch``."""
         if all(s is None for s in saved):
             return
-        live = self.dataset.state_dict() if is_stateful(self.dataset) else None  # type: ignore[attr-defined]
+        live: Any = None
+        if is_stateful(self.dataset):
+            try:  # the keys to expect; a dataset may not tell before it is iterated
+                live = self.dataset.state_dict()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 (the user's code: check what can be checked)
+                live = {}
         for r, data in enumerate(saved):
             where = f"per-rank state of rank {r}: data"
             if not isinstance(data, dict) or set(data) != {"epoch", "workers", "loader"}:
@@ -391,7 +396,7 @@ def _check_reader(reader: Any, live: Any, where: str) -> None:
     if (state is None) != (live is None):
         raise InvalidCheckpoint(f"{where}: the dataset {'is' if live is not None else 'is not'} "
                                 "Stateful, the saved state says otherwise")
-    if isinstance(live, dict) and (not isinstance(state, dict) or set(state) != set(live)):
+    if isinstance(live, dict) and live and (not isinstance(state, dict) or set(state) != set(live)):
         raise InvalidCheckpoint(f"{where}.dataset: keys do not fit the dataset's state_dict()")
 
 
