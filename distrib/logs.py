@@ -45,7 +45,7 @@ class Progress:
         self.enabled = enabled
         self._bar: Any = None
 
-    def wrap(self, items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    def wrap(self, items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
         if not self.enabled:
             yield from items
             return

@@ -39,9 +39,11 @@ def prepare(argv: Sequence[str] | None) -> tuple[Config, "object", bool]:
 
     check_locations(config)
     task = build_task(config)
+    from distrib.data import check_data
     from distrib.trainer import Trainer
 
     Trainer.check_monitor(config, task)
+    check_data(config, task)
     return config, task, bool(ns.check_config)
 
 

@@ -26,6 +26,7 @@ from distrib import dist
 from distrib.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, SaveFailedError
 from distrib.checkpointer import Checkpointer, StartPlan
 from distrib.config import Config, ConfigError, resume_differences
+from distrib.data import StreamShard, TrainStream, check_data, is_stream, stateful_loader
 from distrib.early_stopping import EarlyStopping
 from distrib.format import InvalidCheckpoint, Meta, Metric
 from distrib.lease import Lease, run_identity
@@ -151,6 +152,7 @@ class Trainer:
         if self.task is None:
             self.task = build_task(self.config, self._builder)
         self.check_monitor(self.config, self.task)
+        check_data(self.config, self.task)
         info, owns_group = dist.setup(self.config.train.dist_timeout)
         self.info = info
         self._fit_started = time.perf_counter()
@@ -226,6 +228,13 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.module, device_ids=ids)
         ds = self.config.train
+        self.stream: TrainStream | None = None
+        if is_stream(task.train_dataset):
+            self.stream = TrainStream(task.train_dataset, rank=dist.rank(),  # type: ignore[arg-type]
+                                      world=dist.world_size(), workers=ds.num_workers,
+                                      batch_size=ds.batch_size, accum=ds.grad_accum_steps)
+            self.steps_per_epoch = self.stream.steps_per_epoch  # 0: unknown (no __len__)
+            return
         self.train_sampler = ResumableSampler(len(task.train_dataset),  # type: ignore[arg-type]
                                               num_replicas=dist.world_size(),
                                               rank=dist.rank(), shuffle=True, seed=ds.seed)
@@ -366,6 +375,8 @@ class Trainer:
             check_rng(mine.get("rng"), f"per-rank state of rank {r}: rng")
             check_number(mine["train_loss"][0], f"rank {r} train loss", lo=-math.inf)
             check_number(mine["train_loss"][1], f"rank {r} sample count", integer=True)
+        if self.stream is not None:
+            self.stream.check([mine.get("data") for mine in per_rank], int(p["epoch"]))
 
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state shared by all ranks, this rank's own state) for a checkpoint."""
@@ -383,6 +394,8 @@ class Trainer:
         }
         per_rank = {"rng": capture_rng(),
                     "train_loss": [float(self._loss_sum), self._loss_count]}
+        if self.stream is not None:  # its data position: after the batches consumed so far
+            return shared, {**per_rank, "data": self.stream.state()}
         return shared, per_rank
 
     def _restore(self, state: dict[str, Any], info: CheckpointInfo, where: str,
@@ -430,6 +443,9 @@ class Trainer:
         self.samples_done, self.last_metric = int(p["samples_done"]), p["last_metric"]
         self.history = list(state["history"])
         self._restore_per_rank(state["per_rank"], int(p["world_size"]))
+        if self.stream is not None:
+            self.stream.load([mine.get("data") for mine in state["per_rank"]],
+                             int(p["world_size"]), self.epoch)
 
     def _check_limits(self) -> None:
         """Set the stop reason if the restored state has already reached the end of training."""
@@ -462,16 +478,19 @@ class Trainer:
 
     # ================================================================== the loop
 
-    def _loader(self, dataset: Dataset[Any], sampler: ResumableSampler, purpose: str
+    def _loader(self, dataset: Dataset[Any], sampler: ResumableSampler | None, purpose: str
                 ) -> DataLoader[Any]:
         """A loader whose worker seeds derive from (seed, purpose, epoch, rank) and which never
-        draws from the global RNG (so dropout streams are the same with or without resume)."""
+        draws from the global RNG (so dropout streams are the same with or without resume).
+        Without a sampler, ``dataset`` is a :class:`~distrib.data.StreamShard`; training reads
+        it through a StatefulDataLoader (its state is the data position)."""
         t = self.config.train
         gen = torch.Generator().manual_seed(derive_seed(t.seed, purpose, self.epoch, dist.rank()))
-        return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler,
-                          num_workers=t.num_workers, collate_fn=self.task.collate_fn,  # type: ignore[union-attr]
-                          pin_memory=self.device.type == "cuda", generator=gen,
-                          worker_init_fn=_worker_init if t.num_workers else None)
+        make = stateful_loader if sampler is None and purpose == "train" else DataLoader
+        return make(dataset, batch_size=t.batch_size, sampler=sampler,
+                    num_workers=t.num_workers, collate_fn=self.task.collate_fn,  # type: ignore[union-attr]
+                    pin_memory=self.device.type == "cuda", generator=gen,
+                    worker_init_fn=_worker_init if t.num_workers else None)
 
     def _forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         """The task's ``forward(model, inputs)`` if it has one; else a mapping of inputs goes in
@@ -493,6 +512,9 @@ class Trainer:
     def _run_epoch(self) -> None:
         cfg, task = self.config, self.task
         assert task is not None
+        if self.stream is not None:
+            self._run_stream_epoch(self.stream)
+            return
         self.train_sampler.set_epoch(self.epoch, start=self.samples_done)
         loader = self._loader(task.train_dataset, self.train_sampler, "train")
         n, accum = len(loader), cfg.train.grad_accum_steps
@@ -512,6 +534,36 @@ class Trainer:
                 if self._step_boundary(last_of_epoch=i == n - 1):
                     return
         self._end_epoch(time.perf_counter() - started, samples * dist.world_size())
+
+    def _run_stream_epoch(self, stream: TrainStream) -> None:
+        """An epoch of a stream: optimizer steps while every rank has a full group of
+        micro-batches (see :mod:`distrib.data`)."""
+        cfg = self.config
+        progress = Progress(progress_enabled(cfg.log.progress, dist.rank()))
+        self.model.train()
+        started, samples = time.perf_counter(), 0
+        stream.start_epoch(self.epoch, lambda reader: self._loader(reader, None, "train"))
+        groups = iter(stream.next_group, None)
+        try:
+            for group in progress.wrap(groups, stream.steps_per_epoch or None, f"epoch {self.epoch}"):
+                for j, (inputs, target) in enumerate(group.batches):
+                    self._micro_step(inputs, target, sync=j == len(group.batches) - 1,
+                                     scale=1.0 / len(group.batches))
+                samples += group.samples
+                self.samples_done += group.samples
+                self._optimizer_step()
+                if progress.enabled:
+                    progress.set_postfix(loss=f"{self._running_loss():.4f}")
+                # whether this step ends the epoch matters only when a step save is due that the
+                # epoch's own save would repeat; only then look ahead (a collective)
+                every = cfg.ckpt.save_every_steps
+                last = bool(every) and self.global_step % every == 0 and self._epoch_save_due() \
+                    and stream.is_last()
+                if self._step_boundary(last_of_epoch=last):
+                    return
+        finally:
+            stream.stop()  # left early: the position is kept for the final save
+        self._end_epoch(time.perf_counter() - started, samples)
 
     def _micro_step(self, inputs: Any, target: Any, *, sync: bool, scale: float) -> int:
         inputs, target = _to(inputs, self.device), _to(target, self.device)
@@ -679,13 +731,17 @@ class Trainer:
         """
         task = self.task
         assert task is not None and task.val_dataset is not None
-        sampler = ResumableSampler(len(task.val_dataset), num_replicas=dist.world_size(),  # type: ignore[arg-type]
-                                   rank=dist.rank(), shuffle=False, pad=False)
+        dataset, sampler = task.val_dataset, None
+        if is_stream(dataset):  # this rank's readers: disjoint and unpadded too
+            dataset = StreamShard(dataset, dist.rank(), dist.world_size())  # type: ignore[arg-type]
+        else:
+            sampler = ResumableSampler(len(dataset), num_replicas=dist.world_size(),  # type: ignore[arg-type]
+                                       rank=dist.rank(), shuffle=False, pad=False)
         names = list(task.metrics)
         sums = torch.zeros(2 + len(names), dtype=torch.float64)
         self.module.eval()
         with torch.no_grad(), self._autocast():
-            for inputs, target in self._loader(task.val_dataset, sampler, "val"):
+            for inputs, target in self._loader(dataset, sampler, "val"):
                 inputs, target = _to(inputs, self.device), _to(target, self.device)
                 output = self._forward(self.module, inputs)
                 n = _batch_len(target)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from distrib import Config, Task
 from distrib.tasks import task_arg
@@ -130,4 +131,93 @@ def gated(config: Config) -> Task:
         return model(inputs)
 
     task.forward = forward
+    return task
+
+
+class Stream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A deterministic stream derived from the seed: ``n`` fixed samples in an order drawn per
+    epoch, each with noise from the stream's own generator (seeded by seed and epoch). It is
+    not Stateful: distrib resumes it by reading it again and dropping what was consumed."""
+
+    def __init__(self, seed: int, n: int, noise: float = 0.1) -> None:
+        self.data = _data(seed, n)
+        self.seed, self.n, self.noise = seed, n, noise
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._items(0, self._generator())
+
+    def _items(self, start: int, g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+            self.seed + self.epoch)).tolist()
+        for i in range(start, self.n):
+            x, y = self.data[order[i]]
+            x = x + self.noise * torch.randn(x.shape, generator=g)
+            self._position(i + 1)
+            yield x, y
+
+    def _position(self, pos: int) -> None:
+        pass
+
+
+class StatefulStream(Stream):
+    """The same stream with torchdata's Stateful protocol: its state is the position and its
+    generator's state, so a resume continues where it was without reading anything again."""
+
+    def __init__(self, seed: int, n: int, noise: float = 0.1) -> None:
+        super().__init__(seed, n, noise)
+        self.pos, self.g = 0, self._generator()
+        self._resume: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        resume, self._resume = self._resume, None
+        self.pos, self.g = 0, self._generator()
+        if resume is not None:
+            self.pos = int(resume["pos"])
+            self.g.set_state(resume["rng"])
+        return self._items(self.pos, self.g)
+
+    def _position(self, pos: int) -> None:
+        self.pos = pos
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pos": self.pos, "rng": self.g.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self._resume = state
+
+
+class SizedStream(Stream):
+    def __len__(self) -> int:
+        return self.n
+
+
+class SizedStatefulStream(StatefulStream):
+    def __len__(self) -> int:
+        return self.n
+
+
+def stream(config: Config) -> Task:
+    """tiny's model trained on a stream (an IterableDataset).
+
+    task args: ``train`` and ``val`` item counts, ``stateful`` (1: the Stateful stream),
+    ``sized`` (1: the stream defines ``__len__``), ``val_stream`` (1: validate on a stream too,
+    0: on a map-style set), ``dropout``.
+    """
+    task = tiny(config)
+    n_train = task_arg(config, "train", int, 256)
+    n_val = task_arg(config, "val", int, 101)
+    kinds = {(0, 0): Stream, (1, 0): StatefulStream, (0, 1): SizedStream,
+             (1, 1): SizedStatefulStream}
+    kind = kinds[(task_arg(config, "stateful", int, 1), task_arg(config, "sized", int, 0))]
+    task.train_dataset = kind(config.train.seed, n_train)
+    if n_val and task_arg(config, "val_stream", int, 1):
+        task.val_dataset = Stream(config.train.seed + 1, n_val, noise=0.0)
     return task

@@ -67,11 +67,13 @@ class Trace(Callback):
 
 
 class RaiseAtStep(Callback):
-    def __init__(self, rank: int, step: int) -> None:
+    """Raise at the end of optimizer step ``step`` on ``rank`` (None: on every rank)."""
+
+    def __init__(self, rank: int | None, step: int) -> None:
         self.rank, self.step = rank, step
 
     def on_step_end(self, trainer: Trainer) -> None:
-        if dist.rank() == self.rank and trainer.global_step == self.step:
+        if self.rank in (None, dist.rank()) and trainer.global_step == self.step:
             raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
 
 
@@ -254,7 +256,39 @@ def scenario_fit_loop(out_dir: Path, args: dict[str, Any]) -> None:
     save_output(out_dir, {"codes": [codes[i] for i in sorted(codes)]})
 
 
+def scenario_interrupted(out_dir: Path, args: dict[str, Any]) -> None:
+    """For each of ``cases`` (an argv without --checkpoint-dir): an uninterrupted run, then a
+    run that raises on every rank at the end of step ``raise_at`` (after an earlier
+    --save-every-steps checkpoint) and a second fit() on its checkpoint directory (with
+    ``resume_extra`` arguments added). Records
+    whether the two runs' final weights are bit-identical, and where the resumed one started."""
+    dist.setup(float(args.get("timeout", 120)))
+    report = []
+    for i, argv in enumerate(args["cases"]):
+        ref = Trainer(Config.from_args(argv + ["--checkpoint-dir", str(out_dir / f"ref{i}")])).fit()
+        config = Config.from_args(argv + ["--checkpoint-dir", str(out_dir / f"ck{i}")])
+        try:
+            Trainer(config, callbacks=[RaiseAtStep(None, args["raise_at"])]).fit()
+            raised = False
+        except RuntimeError:
+            raised = True
+        trace = Trace()
+        again = Config.from_args(argv + args.get("resume_extra", [])
+                                 + ["--checkpoint-dir", str(out_dir / f"ck{i}")])
+        resumed = Trainer(again, callbacks=[trace]).fit()
+        assert ref.model is not None and resumed.model is not None
+        a, b = ref.model.state_dict(), resumed.model.state_dict()
+        report.append({"raised": raised, "identical": all(torch.equal(a[k], b[k]) for k in a),
+                       "steps": [ref.global_step, resumed.global_step],
+                       "history": [ref.history, resumed.history],
+                       "resumed_at": trace.resumed_at})
+    save_output(out_dir, {"cases": report})
+    dist.barrier()
+    dist.teardown(graceful=True)
+
+
 SCENARIOS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
+    "interrupted": scenario_interrupted,
     "resume_each": scenario_resume_each,
     "fit": scenario_fit,
     "fit_loop": scenario_fit_loop,
