@@ -9,6 +9,8 @@ step boundaries, agrees on it across ranks, writes an emergency checkpoint and e
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import threading
@@ -57,6 +59,11 @@ class PreemptionHandler:
         self.uninstall()
 
 
+# what a launcher or scheduler sends a rank's whole process group, data-loader workers included
+_GROUP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT")
+                       if hasattr(signal, n))
+
+
 def detach_worker_process() -> None:
     """Call in a data-loader worker (its ``worker_init_fn``): leave the rank's process group.
 
@@ -66,6 +73,10 @@ def detach_worker_process() -> None:
     by signal: Terminated" before it can act on the notice. In a group of their own, workers get
     only what their rank sends them, and they still exit when it does (torch's watchdog notices a
     parent that is gone). A terminal's Ctrl-C likewise reaches only the rank.
+
+    A worker started by :func:`worker_context` begins with these signals blocked, so one sent to
+    the rank's group before this call is pending rather than fatal: it is discarded here, after
+    the worker has left the group, and the signals are unblocked.
     """
     try:
         os.setpgid(0, 0)
@@ -76,6 +87,37 @@ def detach_worker_process() -> None:
     for name in ("SIGUSR1", "SIGINT"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        if hasattr(signal, "sigtimedwait"):
+            while signal.sigtimedwait(_GROUP_SIGNALS, 0) is not None:
+                pass  # meant for the rank, which got it too
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The default multiprocessing context, except that a process starts with the preemption
+    signals blocked (see :func:`detach_worker_process`, which its ``worker_init_fn`` must call).
+
+    Without it, a SIGTERM to the rank's process group that lands between a worker's fork and its
+    ``worker_init_fn`` kills the worker (validation loaders start new workers at every
+    evaluation). The rank blocks the signals only while it starts the process: one that arrives
+    meanwhile is delivered to the rank when they are unblocked, not lost.
+    """
+    base = multiprocessing.get_context()
+    if not hasattr(signal, "pthread_sigmask"):
+        return base
+
+    class Process(base.Process):  # type: ignore[name-defined, misc]
+        def start(self) -> None:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    context = type(base)()
+    context.Process = Process  # type: ignore[attr-defined]
+    return context
 
 
 class Preempted(Exception):

@@ -34,7 +34,7 @@ from distrib.logs import Progress, progress_enabled, setup_logging
 from distrib import exitcodes
 from distrib.optim import build_optimizer, build_scheduler, current_lr
 from distrib.preemption import (Preempted, PreemptionHandler, detach_worker_process,
-                                 shutdown_budget_problems, torchrun_env_problem)
+                                shutdown_budget_problems, torchrun_env_problem, worker_context)
 from distrib.records import RunRecords, default_log_dir
 from distrib.preflight import check_locations
 from distrib.sampler import ResumableSampler
@@ -490,7 +490,8 @@ class Trainer:
         return make(dataset, batch_size=t.batch_size, sampler=sampler,
                     num_workers=t.num_workers, collate_fn=self.task.collate_fn,  # type: ignore[union-attr]
                     pin_memory=self.device.type == "cuda", generator=gen,
-                    worker_init_fn=_worker_init if t.num_workers else None)
+                    worker_init_fn=_worker_init if t.num_workers else None,
+                    multiprocessing_context=worker_context() if t.num_workers else None)
 
     def _forward(self, model: torch.nn.Module, inputs: Any) -> Any:
         """The task's ``forward(model, inputs)`` if it has one; else a mapping of inputs goes in

@@ -25,6 +25,8 @@ EXAMPLES = {
                     "--batch-size", "8", "--task-arg", "samples=384"],
     "cnn_batchnorm": ["--task", "examples.cnn_batchnorm:build", "--batch-size", "16",
                       "--task-arg", "samples=768"],
+    "streaming": ["--task", "examples.streaming:build", "--num-workers", "2",
+                  "--batch-size", "32"],
 }
 ENV = base_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
 

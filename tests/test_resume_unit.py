@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,3 +94,21 @@ def test_launcher_rejects_bad_arguments_before_starting_torchrun(tmp_path: Path)
     assert "invalid choice: 'lion'" in proc.stderr
     assert "torch.distributed.run" not in proc.stderr  # torchrun was never started
     assert str(REPO) not in proc.stderr
+
+
+@pytest.mark.parametrize("context", ["distrib", "plain"])
+def test_a_notice_in_a_new_workers_first_moments(context: str) -> None:
+    """A SIGTERM to the rank's process group that lands after a data-loader worker was forked
+    and before its worker_init_fn detached it (validation loaders fork new workers at every
+    evaluation): with distrib's worker context the worker starts with the signal blocked and
+    drops it; the rank gets the notice and the loader reads everything. Started the plain way,
+    the worker dies (what the test shows would happen without it)."""
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "signal_window.py")] +
+                         ([] if context == "distrib" else ["plain"]), cwd=REPO, env=base_env(),
+                         capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["notice"] is True
+    if context == "distrib":
+        assert report == {"items": 64, "notice": True}, out.stderr[-2000:]
+    else:
+        assert "exited unexpectedly" in report["error"]
