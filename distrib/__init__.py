@@ -16,11 +16,12 @@ from distrib.config import (CheckpointConfig, Config, ConfigError, EarlyStopConf
                             OptimConfig, SchedConfig, TrainConfig)
 from distrib.early_stopping import EarlyStopping
 from distrib.exitcodes import exit_code
+from distrib.manager import CheckpointManager, Resume
 from distrib.tasks import Task
 from distrib.trainer import Callback, FitResult, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["Callback", "CheckpointConfig", "Config", "ConfigError", "EarlyStopConfig",
-           "EarlyStopping", "FitResult", "LogConfig", "OptimConfig", "SchedConfig", "Task",
+__all__ = ["Callback", "CheckpointConfig", "CheckpointManager", "Config", "ConfigError", "EarlyStopConfig",
+           "EarlyStopping", "FitResult", "LogConfig", "OptimConfig", "Resume", "SchedConfig", "Task",
            "TrainConfig", "Trainer", "__version__", "exit_code"]

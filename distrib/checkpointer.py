@@ -487,3 +487,18 @@ def _describe(done: Mapping[str, Any] | None) -> str:
     parts = [f"{key} {done[key]}" for key in ("step", "epoch", "reason") if key in done]
     return ", ".join(parts) or "unknown"
 
+
+def replay_note(plan: StartPlan, marker: dict[str, Any] | None, step: int) -> str:
+    """How much of the interrupted launch a resume at ``step`` replays, for the resume log line
+    ("; ... N steps are replayed", "no steps are lost", "the run is complete", or ""): from the
+    run records' ``resume`` marker, or else the checkpoint heartbeat, whichever got further."""
+    progress = plan.progress or {}
+    reached = int(marker["last_step"]) if marker else int(progress.get("step", -1))
+    if plan.kind == "complete":
+        return "; the run is complete"
+    if reached > step:
+        return (f"; the interrupted run had reached step {reached} at least, so "
+                f"{reached - step} steps are replayed")
+    if reached == step and progress.get("reason") == "preempted":
+        return "; it was written at a preemption notice, so no steps are lost"
+    return ""

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distrib import dist
 from distrib.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, SaveFailedError
-from distrib.checkpointer import Checkpointer, StartPlan
+from distrib.checkpointer import Checkpointer, StartPlan, replay_note
 from distrib.config import Config, ConfigError, resume_differences
 from distrib.data import StreamShard, TrainStream, check_data, is_stream, stateful_loader
 from distrib.early_stopping import EarlyStopping
@@ -119,6 +119,8 @@ class Trainer:
     :meth:`fit` must be called on every rank. It creates the process group from the torchrun
     environment if none exists (and destroys it again on return, also on error).
     """
+
+    model: torch.nn.Module  # what trains: the module, DDP-wrapped when there are ranks
 
     def __init__(self, config: Config, task: Task | TaskBuilder | None = None,
                  callbacks: Sequence[Callback] = ()) -> None:
@@ -223,7 +225,7 @@ class Trainer:
         self.device = self.info.device
         self.module = task.model.to(self.device)
         self.raw_module = unwrap(self.module)  # state dicts without torch.compile's prefixes
-        self.model: torch.nn.Module = self.module
+        self.model = self.module
         if dist.world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.module, device_ids=ids)
@@ -416,16 +418,7 @@ class Trainer:
         heartbeat, whichever got further)."""
         assert info.manifest is not None
         age = time.time() - info.manifest.created
-        progress = plan.progress or {}
-        reached = int(marker["last_step"]) if marker else progress.get("step", -1)
-        lost = ""
-        if plan.kind == "complete":
-            lost = "; the run is complete"
-        elif reached > self.global_step:
-            lost = (f"; the interrupted run had reached step {reached} at least, so "
-                    f"{reached - self.global_step} steps are replayed")
-        elif reached == self.global_step and progress.get("reason") == "preempted":
-            lost = "; it was written at a preemption notice, so no steps are lost"
+        lost = replay_note(plan, marker, self.global_step)
         log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch, saved %.0fs "
                  "ago%s", where, self.epoch + 1, self.global_step, self.samples_done, age, lost)
 
@@ -826,8 +819,8 @@ class Trainer:
         note = ""
         if es.restore_best_weights and self.best_state is not None:
             self.raw_module.load_state_dict(self.best_state)
-            note = f"; weights restored from the best epoch {es.best_epoch + 1} " \
-                   f"({es.monitor} {es.best:.4f})"  # type: ignore[operator]
+            note = f"; weights restored from the best epoch {(es.best_epoch or 0) + 1} " \
+                   f"({es.monitor} {es.best:.4f})"
         # A checkpoint of this very step may exist already (a step save on the last step, or
         # this run resumed from its own final checkpoint): it is kept, unless restore-best
         # changed the weights, which rewrites it.
