@@ -15,8 +15,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from types import FrameType
-from typing import Any, Iterable
+from typing import Any
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -41,7 +42,7 @@ class PreemptionHandler:
         self.signal_name = signal.Signals(signum).name
         self.received_at = time.monotonic()
 
-    def install(self) -> "PreemptionHandler":
+    def install(self) -> PreemptionHandler:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -52,7 +53,7 @@ class PreemptionHandler:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 
-    def __enter__(self) -> "PreemptionHandler":
+    def __enter__(self) -> PreemptionHandler:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

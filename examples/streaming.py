@@ -17,7 +17,8 @@ again: the final weights are bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn

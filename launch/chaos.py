@@ -7,6 +7,7 @@ final weights are bit-identical to an uninterrupted run of the same command.
 for example::
 
     python launch/chaos.py --kills 5 -- --task mypkg.mod:build --max-epochs 3 --save-every-steps 50
+    python launch/chaos.py --kills 3 --script examples/own_loop.py -- --max-steps 120
 
 It runs the job twice under ``torchrun --nproc_per_node=N``, each in a fresh checkpoint directory
 under ``--workdir``: once undisturbed (the reference), and once with ``--max-restarts`` so that
@@ -62,7 +63,7 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def workers(torchrun_pid: int) -> list[int]:
+def workers(torchrun_pid: int, marker: bytes = b"distrib.train") -> list[int]:
     """The training worker processes (the ranks) under a launcher or torchrun process: not
     torchrun itself, and not a rank's data-loader workers (forked, with the rank's command
     line)."""
@@ -73,7 +74,7 @@ def workers(torchrun_pid: int) -> list[int]:
                 cmd = fh.read().split(b"\0")
         except OSError:
             continue
-        if b"distrib.train" in cmd and b"torch.distributed.run" not in cmd \
+        if marker in cmd and b"torch.distributed.run" not in cmd \
                 and b"distrib.launch" not in cmd:
             pids.append(pid)
     return [pid for pid in pids if _parent(pid) not in pids]
@@ -127,9 +128,14 @@ class Job:
 
 def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Path,
             kills: int, rng: random.Random, delays: tuple[float, float],
-            max_relaunches: int, rank0_first: bool = True) -> dict[str, object]:
-    """Run the job to completion while killing ``kills`` workers; return what happened."""
-    cmd = torchrun + ["-m", "distrib.train", *train_args, "--checkpoint-dir", str(ckpt)]
+            max_relaunches: int, rank0_first: bool = True,
+            script: str | None = None) -> dict[str, object]:
+    """Run the job to completion while killing ``kills`` workers; return what happened.
+    ``script``: a training script of one's own (with a --checkpoint-dir option) instead of
+    ``-m distrib.train``."""
+    target = [script] if script else ["-m", "distrib.train"]
+    marker = script.encode() if script else b"distrib.train"  # an argument of the rank's command
+    cmd = torchrun + [*target, *train_args, "--checkpoint-dir", str(ckpt)]
     done_kills, relaunches, replayed = 0, 0, []
     log("+ " + " ".join(cmd))
     while True:
@@ -138,7 +144,7 @@ def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Pa
             if not job.started.wait(timeout=0.5):
                 continue
             time.sleep(rng.uniform(*delays))
-            pids = workers(job.proc.pid)
+            pids = workers(job.proc.pid, marker)
             if not pids or job.proc.poll() is not None:
                 break
             ranks = {pid: rank_of(pid) for pid in pids}
@@ -188,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="make the first kill hit rank 0 (default: yes)")
     parser.add_argument("--workdir", type=Path, help="where runs and logs go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
+    parser.add_argument("--script", help="run this training script (one using distrib's "
+                        "CheckpointManager, taking --checkpoint-dir) instead of distrib.train")
     parser.add_argument("train_args", nargs=argparse.REMAINDER,
-                        help="-- followed by distrib.train arguments")
+                        help="-- followed by distrib.train (or --script) arguments")
     args = parser.parse_args(argv)
     train_args = [a for a in args.train_args if a != "--"] if args.train_args else []
     if "--checkpoint-dir" in train_args:
@@ -203,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"reference run (no faults) in {work / 'reference'}")
         run_job(torchrun, train_args, work / "reference", work / "reference.log", 0, rng,
-                (0, 0), 0)
+                (0, 0), 0, script=args.script)
         reference_s = time.monotonic() - started
         log(f"chaos run: {args.kills} SIGKILLs in {work / 'chaos'}")
         chaos = run_job(torchrun + [f"--max-restarts={args.kills + 2}"], train_args,
                         work / "chaos", work / "chaos.log", args.kills, rng,
-                        (args.min_delay, args.max_delay), 3, args.rank0_first)
+                        (args.min_delay, args.max_delay), 3, args.rank0_first,
+                        script=args.script)
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         log(f"FAILED: {exc}")
         return 2
