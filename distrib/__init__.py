@@ -16,6 +16,7 @@ from distrib.config import (CheckpointConfig, Config, ConfigError, EarlyStopConf
                             OptimConfig, SchedConfig, TrainConfig)
 from distrib.early_stopping import EarlyStopping
 from distrib.exitcodes import exit_code
+from distrib.logs import setup_logging
 from distrib.manager import CheckpointManager, Resume
 from distrib.tasks import Task
 from distrib.trainer import Callback, FitResult, Trainer
@@ -24,4 +25,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Callback", "CheckpointConfig", "CheckpointManager", "Config", "ConfigError", "EarlyStopConfig",
            "EarlyStopping", "FitResult", "LogConfig", "OptimConfig", "Resume", "SchedConfig", "Task",
-           "TrainConfig", "Trainer", "__version__", "exit_code"]
+           "TrainConfig", "Trainer", "__version__", "exit_code", "setup_logging"]

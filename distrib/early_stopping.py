@@ -26,10 +26,12 @@ flag for the trainer, which keeps the weights of :attr:`best_epoch`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
-REASONS = ("not_stopped", "non_finite", "stopping_threshold", "divergence_threshold",
-           "patience_exhausted")
+#: why early stopping stopped (or that it has not)
+Reason = Literal["not_stopped", "non_finite", "stopping_threshold", "divergence_threshold",
+                 "patience_exhausted"]
+REASONS: tuple[str, ...] = get_args(Reason)
 
 
 class EarlyStopping:
@@ -80,7 +82,7 @@ class EarlyStopping:
         self.stopped = False
         self.stopped_epoch: int | None = None
         self.reason: str | None = None
-        self.reason_code = "not_stopped"
+        self.reason_code: Reason = "not_stopped"
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.mode == "min" else a > b
@@ -130,7 +132,7 @@ class EarlyStopping:
             return "none yet"
         return f"{self.best:.6g} at epoch {self.best_epoch + 1}"
 
-    def _stop(self, code: str, epoch: int, message: str) -> bool:
+    def _stop(self, code: Reason, epoch: int, message: str) -> bool:
         self.stopped = True
         self.stopped_epoch = epoch
         self.reason_code = code

@@ -7,6 +7,7 @@ so a job with eight ranks prints one story, not eight.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -15,11 +16,16 @@ T = TypeVar("T")
 _HANDLER_NAME = "distrib"
 
 
-def setup_logging(rank: int, level: str = "info") -> None:
-    """Send ``distrib.*`` loggers to stderr as ``[rank N] LEVEL name: message``.
+def setup_logging(rank: int | None = None, level: str = "info") -> None:
+    """Send ``distrib.*`` loggers to stderr as ``[rank N] LEVEL name: message``: ``level`` on
+    rank 0, warnings on the others, not propagated to the root logger. The command line calls
+    it; library use calls it explicitly or not at all. ``rank`` defaults to ``$RANK`` (0).
 
-    Idempotent: calling it again (e.g. a second ``fit`` in one process) replaces the handler.
+    Idempotent: calling it again replaces the handler.
     """
+    if rank is None:
+        raw = os.environ.get("RANK", "0")
+        rank = int(raw) if raw.isdigit() else 0
     logger = logging.getLogger("distrib")
     for handler in list(logger.handlers):
         if handler.get_name() == _HANDLER_NAME:

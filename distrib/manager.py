@@ -85,6 +85,9 @@ class Resume:
     complete: bool  # the run had finished: the objects hold its final state
     source: str | None  # the checkpoint loaded, or None
     skipped: tuple[str, ...] = ()  # checkpoints that could not be used, with the reason
+    saved_at: float | None = None  # when the loaded checkpoint was written (Unix time)
+    note: str = ""  # how much of the interrupted launch is replayed (see replay_note)
+    message: str = ""  # what start-up found (e.g. "run already complete (...)"), if anything
 
 
 def _per_rank_by_default(obj: object) -> bool:
@@ -122,6 +125,16 @@ class CheckpointManager:
         handle_signals: handle SIGTERM and SIGUSR1 as preemption notices while open.
         strategy: how modules are wrapped and who writes (DDP by default).
         storage_options: fsspec options for ``directory`` and ``log_dir``.
+        samples_per_step: samples per optimizer step over all ranks (run records' throughput).
+        preemption: a handler the caller installed already (its flag is the notice; the
+            manager then installs none, whatever ``handle_signals`` says).
+        config_fingerprint: a digest of ``config``'s must-match part, saved in the manifests.
+        log_progress: log the resume line and the first step (off for a caller that logs its
+            own).
+
+    Objects registered as per-rank may define ``check_rank_states(states)`` and
+    ``load_rank_states(states, rank, world)`` to see every rank's saved entry at once (to check
+    them against each other, or to merge them when the world size changed).
     """
 
     def __init__(self, directory: str, state: Mapping[str, Any], *,
@@ -134,7 +147,9 @@ class CheckpointManager:
                  allow_config_change: bool = False, log_dir: str | None = "",
                  tensorboard: bool = False, handle_signals: bool = True,
                  strategy: Strategy | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, samples_per_step: int = 0,
+                 preemption: PreemptionHandler | None = None,
+                 config_fingerprint: str | None = None, log_progress: bool = True) -> None:
         for name, obj in state.items():
             if not isinstance(obj, Stateful):
                 raise TypeError(f"state[{name!r}] has no state_dict()/load_state_dict()")
@@ -151,7 +166,10 @@ class CheckpointManager:
         self.policy = _Policy(save_every_steps, save_every_epochs, config)
         self.log_dir = None if log_dir is None else default_log_dir(directory, log_dir)
         self.tensorboard = tensorboard
-        self.handle_signals = handle_signals
+        self.handle_signals = handle_signals and preemption is None
+        self.samples_per_step = samples_per_step
+        self.fingerprint = config_fingerprint
+        self.log_progress = log_progress
         rank = dist.rank()
         store = CheckpointStore(open_storage(directory, self.options),
                                 shard_bytes=max(1, int(shard_size_mb * 2**20)))
@@ -164,7 +182,7 @@ class CheckpointManager:
             allow_config_change=allow_config_change,
             lease=Lease(store.storage, run_identity(), lease_timeout)
             if lease_timeout and rank == self.strategy.writer_rank else None)
-        self.preemption = PreemptionHandler()
+        self.preemption = preemption or PreemptionHandler()
         self.agreement = dist.LaggedAgreement(3)  # [saves keep failing, preemption, lease lost]
         self.step = 0
         self.epoch = 0
@@ -191,25 +209,27 @@ class CheckpointManager:
             for note in plan.notes:
                 log.warning("%s", note)
             if plan.changes:
-                log.info("settings changed since the checkpoint: %s", "; ".join(plan.changes))
+                log.info("options changed since the checkpoint: %s", "; ".join(plan.changes))
         if plan.kind == "error":
             raise CheckpointError(plan.message) if plan.permanent else RuntimeError(plan.message)
         if plan.message and dist.rank() == 0:
             log.warning("%s", plan.message)
         source = f"{plan.root}/{plan.name}" if plan.name else None
+        saved_at = None
         if plan.name:
             state, info = cfg.load(plan, loaded, self.options)
             self._load(state, source or "")
             self.step = info.step
             self.epoch = info.manifest.meta.epoch if info.manifest is not None else 0
+            saved_at = info.manifest.created if info.manifest is not None else None
             self._saved_step = info.step if plan.root == cfg.store.storage.url else None
         marker = self._open_records(plan, source) if plan.kind != "complete" else None
-        if plan.name and dist.rank() == self.strategy.writer_rank:
-            log.info("resumed from %s: step %d%s", source, self.step,
-                     replay_note(plan, marker, self.step))
+        note = replay_note(plan, marker, self.step)
+        if plan.name and self.log_progress and dist.rank() == self.strategy.writer_rank:
+            log.info("resumed from %s: step %d%s", source, self.step, note)
         self._started = time.perf_counter()
         return Resume(self.step, self.epoch, plan.kind == "complete", source,
-                      tuple(plan.skipped))
+                      tuple(plan.skipped), saved_at, note, plan.message)
 
     def _start_handling(self) -> None:
         if self._open:
@@ -227,7 +247,7 @@ class CheckpointManager:
             return None
         self.records = RunRecords.open(self.log_dir, parse_options(self.options),
                                        rank=dist.rank(), tensorboard=self.tensorboard,
-                                       samples_per_step=0)
+                                       samples_per_step=self.samples_per_step)
         return self.records.start(step=self.step, epoch=max(1, self.epoch),
                            world_size=dist.world_size(), restart=self.force_restart,
                            resumed_from=source, heartbeat=plan.progress)
@@ -259,13 +279,22 @@ class CheckpointManager:
         for name, obj in self.objects.items():
             if name not in self.per_rank:
                 self._check_object(name, obj, state[name])
-        for r, mine in enumerate(state["per_rank"]):
+        entries = state["per_rank"]
+        for r, mine in enumerate(entries):
             if not isinstance(mine, dict):
                 raise InvalidCheckpoint(f"per-rank state of rank {r}: not a mapping")
-            check_rng(mine.get(RNG), f"rank {r} rng")
-            for name in self.per_rank:
+            check_rng(mine.get(RNG), f"per-rank state of rank {r}: rng")
+        for name in self.per_rank:
+            obj = self.objects[name]
+            if hasattr(obj, "check_rank_states"):
+                try:
+                    obj.check_rank_states([mine.get(name) for mine in entries])
+                except (ValueError, TypeError) as exc:
+                    raise InvalidCheckpoint(f"{name}: {exc}") from None
+                continue
+            for mine in entries:
                 if name in mine:
-                    self._check_object(name, self.objects[name], mine[name])
+                    self._check_object(name, obj, mine[name])
 
     def _check_object(self, name: str, obj: Any, saved: Any) -> None:
         if isinstance(obj, torch.nn.Module):
@@ -302,8 +331,9 @@ class CheckpointManager:
     def _load_per_rank(self, per_rank: list[dict[str, Any]]) -> None:
         rank, world = dist.rank(), dist.world_size()
         if len(per_rank) != world:
-            log.warning("resuming a %d-rank checkpoint with %d ranks: the run is no longer "
-                        "bit-identical to an uninterrupted one", len(per_rank), world)
+            log.warning("resuming a %d-rank checkpoint with %d ranks: the number of samples "
+                        "seen is preserved, but the run is no longer bit-identical to an "
+                        "uninterrupted one", len(per_rank), world)
         mine = per_rank[rank] if rank < len(per_rank) else {}
         if RNG in mine:
             restore_rng(mine[RNG])
@@ -326,7 +356,7 @@ class CheckpointManager:
                         metric_name, metric if math.isfinite(metric) else None,
                         self.checkpointer.mode),  # type: ignore[arg-type]
                     config=dict(self.policy.config) if self.policy.config is not None else None,
-                    torch=torch.__version__)
+                    config_fingerprint=self.fingerprint, torch=torch.__version__)
         blocking = blocking or final
         self.checkpointer.save(step, shared, mine, meta, blocking=blocking, replace=replace,
                                skip_if_committed=blocking and not replace,
@@ -351,16 +381,19 @@ class CheckpointManager:
         Local; the registered optimizers call it before every step."""
         self.checkpointer.fence()
 
-    def step_done(self, step: int, *, epoch: int | None = None) -> None:
+    def step_done(self, step: int, *, epoch: int | None = None, epoch_ends: bool = False,
+                  ending: bool = False) -> None:
         """Call at every optimizer-step boundary: save when ``save_every_steps`` says so, and
         act on what the ranks agreed (preemption: the emergency checkpoint, then Preempted;
         saves that keep failing: SaveFailedError; the lease lost: CheckpointError).
+        ``epoch_ends``: this step ends an epoch whose :meth:`epoch_done` will save (the step
+        save is left to it); ``ending``: :meth:`finish` follows (it saves this step).
         Collective, but never waits for the other ranks unless one of those happens."""
         self.step = step
         if epoch is not None:
             self.epoch = epoch
         if self._started is not None:
-            if dist.rank() == self.strategy.writer_rank:
+            if self.log_progress and dist.rank() == self.strategy.writer_rank:
                 log.info("first optimizer step done %.2fs after resume() began",
                          time.perf_counter() - self._started)
             self._started = None
@@ -368,17 +401,25 @@ class CheckpointManager:
         self._check_shutdown_budget()
         self.agree()
         every = self.policy.save_every_steps
-        if every and step % every == 0 and self._saved_step != step:
+        if epoch_ends and self.epoch_save_due(self.epoch):
+            return
+        if every and step % every == 0 and self._saved_step != step and not ending:
             self.save(step)
 
+    def epoch_save_due(self, epoch: int) -> bool:
+        """Whether :meth:`epoch_done` of ``epoch`` saves (``save_every_epochs``). Local."""
+        every = self.policy.save_every_epochs
+        return bool(every) and epoch % every == 0
+
     def epoch_done(self, epoch: int, *, metric: float | None = None,
-                   metric_name: str = "metric") -> None:
-        """Call after each epoch: saves when ``save_every_epochs`` says so (``metric`` is kept
-        for ``keep_best``), and always agrees on the flags. Collective."""
+                   metric_name: str = "metric", ending: bool = False) -> None:
+        """Call after each epoch (``epoch`` epochs are complete): saves when
+        ``save_every_epochs`` says so (``metric`` is kept for ``keep_best``), unless ``ending``
+        (:meth:`finish` follows), and always agrees on the flags. Collective."""
         self.epoch = epoch
         self.agree(due=True)
         every = self.policy.save_every_epochs
-        if every and epoch % every == 0 and self._saved_step != self.step:
+        if every and epoch % every == 0 and self._saved_step != self.step and not ending:
             self.save(self.step, metric=metric, metric_name=metric_name)
 
     def agree(self, due: bool = False) -> None:
@@ -389,7 +430,8 @@ class CheckpointManager:
             due=due)
         if lost:
             raise CheckpointError(f"another run took over {self.directory} (its lease went "
-                                  "stale: was this job paused?); stopping without writing there")
+                                  "stale: was this job paused?); stopping without writing there "
+                                  "again")
         if fatal:
             raise SaveFailedError(f"{self.checkpointer.max_failed_saves} consecutive checkpoint "
                                   "saves failed; stopping (the newest committed checkpoint is "
@@ -449,17 +491,20 @@ class CheckpointManager:
         """Add a record of ``values`` at ``step`` to the run records (rank 0; local)."""
         self.records.metrics(step, self.epoch, values)
 
-    def close(self, status: str = "finished", message: str = "") -> None:
-        """Release the lease and the signal handlers, close the records. Local; call on every
-        rank when the loop ends (a ``with`` block does it)."""
+    def close(self, status: str | None = "finished", message: str = "") -> None:
+        """Release the lease and the signal handlers, close the records with an ``end`` record
+        of ``status`` (None: the caller wrote its own). Local; call on every rank when the loop
+        ends (a ``with`` block does it)."""
         if not self._open:
             return
         self._open = False
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self.preemption.uninstall()
-        self.records.end(status, step=self.step, epoch=self.epoch, message=message)
+        if self.handle_signals:
+            self.preemption.uninstall()
+        if status is not None:
+            self.records.end(status, step=self.step, epoch=self.epoch, message=message)
         self.checkpointer.close()
 
     def __enter__(self) -> CheckpointManager:

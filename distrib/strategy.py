@@ -19,6 +19,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from distrib import dist
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
 class Strategy(Protocol):
     """What the loop and the checkpoint manager need to know about the parallelism."""
 
@@ -61,13 +72,7 @@ class DDPStrategy:
         return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        while True:
-            if isinstance(model, DDP):
-                model = model.module
-            elif hasattr(model, "_orig_mod"):
-                model = model._orig_mod  # type: ignore[assignment]
-            else:
-                return model
+        return unwrap(model)
 
     def no_sync(self, model: torch.nn.Module, skip: bool) -> ContextManager[Any]:
         return model.no_sync() if skip and isinstance(model, DDP) else contextlib.nullcontext()

@@ -59,7 +59,10 @@ def _run(argv: Sequence[str] | None) -> None:
         print(f"{PROG}: configuration OK (task {config.train.task}, checkpoints in "
               f"{config.ckpt.checkpoint_dir})")
         return
+    from distrib.logs import setup_logging
     from distrib.trainer import Trainer
+
+    setup_logging(level=config.log.log_level)  # the command line's log format (rank from $RANK)
 
     Trainer(config, task).fit()  # type: ignore[arg-type]
 

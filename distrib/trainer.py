@@ -10,12 +10,11 @@ values or broadcast, so no rank is ever left waiting in a collective another ran
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -23,32 +22,27 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset
 
 from distrib import dist
-from distrib.checkpoint import CheckpointError, CheckpointInfo, CheckpointStore, SaveFailedError
-from distrib.checkpointer import Checkpointer, StartPlan, replay_note
 from distrib.config import Config, ConfigError, resume_differences
 from distrib.data import StreamShard, TrainStream, check_data, is_stream, stateful_loader
 from distrib.early_stopping import EarlyStopping
-from distrib.format import InvalidCheckpoint, Meta, Metric
-from distrib.lease import Lease, run_identity
-from distrib.logs import Progress, progress_enabled, setup_logging
-from distrib import exitcodes
+from distrib.logs import Progress, progress_enabled
 from distrib.optim import build_optimizer, build_scheduler, current_lr
+from distrib.manager import CheckpointManager
 from distrib.preemption import (Preempted, PreemptionHandler, detach_worker_process,
                                 shutdown_budget_problems, torchrun_env_problem, worker_context)
-from distrib.records import RunRecords, default_log_dir
 from distrib.preflight import check_locations
+from distrib.records import RunRecords, default_log_dir
 from distrib.sampler import ResumableSampler
-from distrib.state import capture_rng, derive_seed, restore_rng, seed_everything, seed_worker
-from distrib.statecheck import check_like, check_number, check_optimizer, check_rng
-from distrib.storage import open_storage, parse_options
+from distrib.state import derive_seed, seed_everything, seed_worker
+from distrib.storage import parse_options
+from distrib.strategy import DDPStrategy, unwrap
 from distrib.tasks import Task, TaskBuilder, build_task
+from distrib import trainstate
 
 log = logging.getLogger(__name__)
 
-#: the top-level keys of a Trainer checkpoint's state
-_STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "early_stopping", "best_model",
-               "progress", "history", "per_rank")
-
+#: why a fit ended
+StopReason = Literal["max_epochs", "max_steps", "early_stop", "already_complete"]
 
 class Callback:
     """Hooks into the loop. Every rank calls every hook; keep collectives symmetric."""
@@ -63,7 +57,7 @@ class Callback:
 class FitResult:
     """What :meth:`Trainer.fit` returns (identical on every rank)."""
 
-    stop_reason: str  # max_epochs | max_steps | early_stop | already_complete
+    stop_reason: StopReason
     epochs: int  # epochs completed
     global_step: int
     history: list[dict[str, float]] = field(default_factory=list)
@@ -77,17 +71,6 @@ def _worker_init(worker_id: int) -> None:
     """Every data-loader worker: seeded from its loader, outside the launcher's signals."""
     seed_worker(worker_id)
     detach_worker_process()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, DDP):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
 
 
 def _batch_len(target: Any) -> int:
@@ -121,6 +104,8 @@ class Trainer:
     """
 
     model: torch.nn.Module  # what trains: the module, DDP-wrapped when there are ranks
+    #: the checkpoint manager the trainer builds (a subclass may time or extend it)
+    manager_class: type[CheckpointManager] = CheckpointManager
 
     def __init__(self, config: Config, task: Task | TaskBuilder | None = None,
                  callbacks: Sequence[Callback] = ()) -> None:
@@ -132,7 +117,7 @@ class Trainer:
         self.global_step = 0
         self.samples_done = 0  # samples of the current epoch consumed, over all ranks
         self.history: list[dict[str, float]] = []
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.stop_message = ""
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_metric: float | None = None
@@ -160,7 +145,6 @@ class Trainer:
         self._fit_started = time.perf_counter()
         self._first_step_at: float | None = None
         self._budget_checked = False
-        setup_logging(info.rank, self.config.log.log_level)
         self.preemption = PreemptionHandler().install()
         graceful = False
         try:
@@ -177,9 +161,9 @@ class Trainer:
             raise
         finally:
             self.preemption.uninstall()
-            checkpointer = getattr(self, "checkpointer", None)
-            if checkpointer is not None:
-                checkpointer.close()  # rank 0: the writers are done, the lease is released
+            manager = getattr(self, "manager", None)
+            if manager is not None:  # rank 0: the writers are done, the lease is released
+                manager.close(None)
             if owns_group:
                 # DDP's reducer holds the group: drop the wrapper first, or the group (its gloo
                 # threads, its store) would outlive teardown until the trainer is collected
@@ -193,10 +177,8 @@ class Trainer:
         seed_everything(derive_seed(cfg.train.seed, "rank", self.info.rank))
         self._build_model(self.task)
         self._build_optim(self.task)
-        self.records = self._open_records()
-        self.checkpointer = self._build_checkpointer()
-        # [a fatal save failure, a preemption notice, the directory's lease lost]
-        self.agreement = dist.LaggedAgreement(3)
+        self.manager = self._build_manager()
+        self.checkpointer = self.manager.checkpointer
         problems = [*shutdown_budget_problems(None), torchrun_env_problem()]
         for problem in filter(None, problems) if dist.rank() == 0 else ():
             log.warning("%s", problem)
@@ -261,27 +243,36 @@ class Trainer:
             check_finite=es.check_finite, baseline=es.baseline,
             start_from_epoch=es.start_from_epoch, restore_best_weights=es.restore_best)
 
-    def _build_checkpointer(self) -> Checkpointer:
-        c = self.config.ckpt
-        store = CheckpointStore(open_storage(c.checkpoint_dir, self.storage_options),
-                                shard_bytes=int(c.shard_size_mb * 2**20))
-        lease = None
-        if c.lease_timeout and dist.rank() == 0:
-            lease = Lease(store.storage, run_identity(), c.lease_timeout)
-        return Checkpointer(store, rank=dist.rank(), async_save=c.async_save,
-                            keep_last=c.keep_last, keep_best=c.keep_best,
-                            mode=self.config.early_stop.mode, max_failed_saves=c.max_failed_saves,
-                            on_saved=self.records.checkpoint, check_state=self._check_state,
-                            check_config=lambda saved: resume_differences(saved, self.config),
-                            allow_config_change=c.allow_config_change, lease=lease)
-
-    def _open_records(self) -> RunRecords:
-        cfg = self.config
-        return RunRecords.open(default_log_dir(cfg.ckpt.checkpoint_dir, cfg.log.log_dir),
-                               self.storage_options, rank=dist.rank(),
-                               tensorboard=cfg.log.tensorboard,
-                               samples_per_step=cfg.train.batch_size * dist.world_size()
-                               * cfg.train.grad_accum_steps)
+    def _build_manager(self) -> CheckpointManager:
+        """The checkpoint manager, with everything a Trainer checkpoint holds registered under
+        the keys those checkpoints have always had."""
+        cfg, c = self.config, self.config.ckpt
+        progress = trainstate.Progress(self)
+        state: dict[str, Any] = {
+            "model": self.module, "optimizer": self.optimizer,
+            "scheduler": trainstate.MaybeAbsent("scheduler", lambda: self.scheduler),
+            "scaler": trainstate.MaybeAbsent("scaler", lambda: self.scaler),
+            "early_stopping": self.early_stopping,
+            "best_model": trainstate.BestModel(self), "progress": progress,
+            "history": trainstate.History(self),
+            "train_loss": trainstate.TrainLoss(self, progress)}
+        if self.stream is not None:  # its data position: after the batches consumed so far
+            state["data"] = trainstate.StreamPosition(self, progress)
+        return self.manager_class(
+            c.checkpoint_dir, state, per_rank=[k for k in ("train_loss", "data") if k in state],
+            save_every_steps=c.save_every_steps, save_every_epochs=c.save_every_epochs,
+            keep_last=c.keep_last, keep_best=c.keep_best, mode=cfg.early_stop.mode,
+            async_save=c.async_save, shard_size_mb=c.shard_size_mb,
+            max_failed_saves=c.max_failed_saves, lease_timeout=c.lease_timeout,
+            resume=c.resume, force_restart=c.force_restart, config=cfg.to_public_dict(),
+            check_config=lambda saved: resume_differences(saved, cfg),
+            allow_config_change=c.allow_config_change,
+            log_dir=default_log_dir(c.checkpoint_dir, cfg.log.log_dir),
+            tensorboard=cfg.log.tensorboard, strategy=DDPStrategy(),
+            storage_options=self.storage_options,
+            samples_per_step=cfg.train.batch_size * dist.world_size()
+            * cfg.train.grad_accum_steps,
+            preemption=self.preemption, config_fingerprint=cfg.fingerprint(), log_progress=False)
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -291,37 +282,19 @@ class Trainer:
 
     def _start(self) -> FitResult | None:
         """Resume, start fresh, or report an already complete run. Collective."""
-        c = self.config.ckpt
-        plan, loaded = self.checkpointer.plan_start(c.resume, c.force_restart,
-                                                    self.storage_options)
-        if dist.rank() == 0:
-            for skipped in plan.skipped:
-                log.warning("skipping checkpoint %s", skipped)
-            for note in plan.notes:
-                log.warning("%s", note)
-            if plan.changes:
-                log.info("options changed since the checkpoint: %s", "; ".join(plan.changes))
-        if plan.kind == "error":
-            raise CheckpointError(plan.message) if plan.permanent else RuntimeError(plan.message)
-        if plan.message and dist.rank() == 0:
-            log.warning("%s", plan.message)
-        where = f"{plan.root}/{plan.name}"
-        info = None
-        if plan.name:
-            state, info = self.checkpointer.load(plan, loaded, self.storage_options)
-            self._restore(state, info, where, plan)
-        if plan.kind == "complete":
-            if info is not None:
-                self._log_resume(where, info, plan, None)
+        start = self.manager.resume()
+        self.records = self.manager.records
+        if start.source is not None:
+            self._check_limits()
+            if dist.rank() == 0:
+                age = time.time() - (start.saved_at or time.time())
+                log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch, saved "
+                         "%.0fs ago%s", start.source, self.epoch + 1, self.global_step,
+                         self.samples_done, age, start.note)
+        if start.complete:
             log.info("nothing to do (use --force-restart to train again)")
             return FitResult("already_complete", self.epoch, self.global_step, self.history,
-                             plan.message, *self._best(), self.module if plan.name else None)
-        marker = self.records.start(step=self.global_step, epoch=self.epoch + 1,
-                                    world_size=dist.world_size(), restart=c.force_restart,
-                                    resumed_from=where if plan.name else None,
-                                    heartbeat=plan.progress)
-        if info is not None:
-            self._log_resume(where, info, plan, marker)
+                             start.message, *self._best(), self.module if start.source else None)
         return None
 
     def _epoch_label(self) -> int:
@@ -335,111 +308,6 @@ class Trainer:
         es = self.early_stopping
         return (None, None) if es.best_epoch is None else (es.best_epoch + 1, es.best)
 
-    def _check_state(self, state: Any) -> None:
-        """Rank 0, at start-up: InvalidCheckpoint unless ``state`` (a loaded checkpoint) fits
-        this run's model, optimizer, scheduler, scaler and early stopping, and its own parts
-        are well formed. Nothing is changed."""
-        if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
-            raise InvalidCheckpoint("state: not a distrib.Trainer checkpoint (missing "
-                                    f"{', '.join(k for k in _STATE_KEYS if k not in state)})"
-                                    if isinstance(state, dict) else "state: not a mapping")
-        model = self.raw_module.state_dict()
-        check_like(state["model"], model, "model")
-        if state["best_model"] is not None:
-            check_like(state["best_model"], model, "best model")
-        check_optimizer(state["optimizer"], self.optimizer)
-        for key, live in (("scheduler", self.scheduler), ("scaler", self.scaler)):
-            if live is not None and state[key] is not None:
-                check_like(state[key], live.state_dict(), key, subset=True)
-        try:
-            self.early_stopping.check_state_dict(state["early_stopping"])
-        except ValueError as exc:
-            raise InvalidCheckpoint(str(exc)) from None
-        p = state["progress"]
-        if not isinstance(p, dict):
-            raise InvalidCheckpoint("progress: not a mapping")
-        for key in ("epoch", "global_step", "samples_done"):
-            check_number(p.get(key), f"progress.{key}", integer=True)
-        check_number(p.get("world_size"), "progress.world_size", integer=True, lo=1)
-        check_number(p.get("last_metric"), "progress.last_metric", lo=-math.inf, optional=True)
-        history = state["history"]
-        if not isinstance(history, list) or not all(
-                isinstance(h, dict) and all(isinstance(k, str) and (v is None or isinstance(
-                    v, (int, float))) for k, v in h.items()) for h in history):
-            raise InvalidCheckpoint("history: not a list of metric mappings")
-        per_rank = state["per_rank"]
-        if not isinstance(per_rank, list) or len(per_rank) != p["world_size"]:
-            raise InvalidCheckpoint(f"per-rank state: expected {p['world_size']} entries")
-        for r, mine in enumerate(per_rank):
-            if not isinstance(mine, dict) or not isinstance(mine.get("train_loss"), list) \
-                    or len(mine["train_loss"]) != 2:
-                raise InvalidCheckpoint(f"per-rank state of rank {r}: malformed")
-            check_rng(mine.get("rng"), f"per-rank state of rank {r}: rng")
-            check_number(mine["train_loss"][0], f"rank {r} train loss", lo=-math.inf)
-            check_number(mine["train_loss"][1], f"rank {r} sample count", integer=True)
-        if self.stream is not None:
-            self.stream.check([mine.get("data") for mine in per_rank], int(p["epoch"]))
-
-    def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(state shared by all ranks, this rank's own state) for a checkpoint."""
-        shared = {
-            "model": self.raw_module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "early_stopping": self.early_stopping.state_dict(),
-            "best_model": self.best_state,
-            "progress": {"epoch": self.epoch, "global_step": self.global_step,
-                         "samples_done": self.samples_done, "world_size": dist.world_size(),
-                         "last_metric": self.last_metric},
-            "history": self.history,
-        }
-        per_rank = {"rng": capture_rng(),
-                    "train_loss": [float(self._loss_sum), self._loss_count]}
-        if self.stream is not None:  # its data position: after the batches consumed so far
-            return shared, {**per_rank, "data": self.stream.state()}
-        return shared, per_rank
-
-    def _restore(self, state: dict[str, Any], info: CheckpointInfo, where: str,
-                 plan: StartPlan) -> None:
-        """Load a checkpoint's state into the live objects (every rank). It was checked by
-        :meth:`_check_state` on rank 0; a failure here anyway is a CheckpointError."""
-        try:
-            self._load_state(state)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-            raise CheckpointError(f"{where} could not be loaded ({type(exc).__name__}: "
-                                  f"{str(exc)[:300]})") from None
-        self._check_limits()
-
-    def _log_resume(self, where: str, info: CheckpointInfo, plan: StartPlan,
-                    marker: dict[str, Any] | None) -> None:
-        """Rank 0: what was resumed, and how many steps are replayed: the same figure as the
-        run records' ``resume`` marker (the interrupted launch's last record or the checkpoint
-        heartbeat, whichever got further)."""
-        assert info.manifest is not None
-        age = time.time() - info.manifest.created
-        lost = replay_note(plan, marker, self.global_step)
-        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch, saved %.0fs "
-                 "ago%s", where, self.epoch + 1, self.global_step, self.samples_done, age, lost)
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        self.raw_module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.early_stopping.load_state_dict(state["early_stopping"])
-        self.best_state = state["best_model"]
-        p = state["progress"]
-        self.epoch, self.global_step = int(p["epoch"]), int(p["global_step"])
-        self.samples_done, self.last_metric = int(p["samples_done"]), p["last_metric"]
-        self.history = list(state["history"])
-        self._restore_per_rank(state["per_rank"], int(p["world_size"]))
-        if self.stream is not None:
-            self.stream.load([mine.get("data") for mine in state["per_rank"]],
-                             int(p["world_size"]), self.epoch)
-
     def _check_limits(self) -> None:
         """Set the stop reason if the restored state has already reached the end of training."""
         t = self.config.train
@@ -450,24 +318,6 @@ class Trainer:
         elif self.epoch >= t.max_epochs:
             self.stop_reason = "max_epochs"
             self.stop_message = f"reached --max-epochs {t.max_epochs}"
-
-    def _restore_per_rank(self, per_rank: list[dict[str, Any]], saved_world: int) -> None:
-        rank, world = dist.rank(), dist.world_size()
-        if saved_world == world:
-            mine = per_rank[rank]
-            restore_rng(mine["rng"])
-            self._loss_sum = torch.tensor(mine["train_loss"][0], dtype=torch.float64)
-            self._loss_count = int(mine["train_loss"][1])
-            return
-        log.warning("resuming a %d-rank checkpoint with %d ranks: the number of samples seen is "
-                    "preserved, but the run is no longer bit-identical to an uninterrupted one",
-                    saved_world, world)
-        if rank < saved_world:
-            restore_rng(per_rank[rank]["rng"])
-        if rank == 0:  # keep the epoch's global train-loss sum exact
-            self._loss_sum = torch.tensor(sum(r["train_loss"][0] for r in per_rank),
-                                          dtype=torch.float64)
-            self._loss_count = sum(int(r["train_loss"][1]) for r in per_rank)
 
     # ================================================================== the loop
 
@@ -551,8 +401,8 @@ class Trainer:
                 # whether this step ends the epoch matters only when a step save is due that the
                 # epoch's own save would repeat; only then look ahead (a collective)
                 every = cfg.ckpt.save_every_steps
-                last = bool(every) and self.global_step % every == 0 and self._epoch_save_due() \
-                    and stream.is_last()
+                last = bool(every) and self.global_step % every == 0 \
+                    and self.manager.epoch_save_due(self.epoch + 1) and stream.is_last()
                 if self._step_boundary(last_of_epoch=last):
                     return
         finally:
@@ -575,7 +425,6 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         t = self.config.train
-        self.checkpointer.fence()  # a background snapshot may still be reading the weights
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.scaler is not None and (t.clip_grad_norm or t.clip_grad_value):
             self.scaler.unscale_(self.optimizer)
@@ -622,67 +471,13 @@ class Trainer:
         if self._first_step_at is None:
             self._first_step_at = time.perf_counter() - self._fit_started
             log.info("first optimizer step done %.2fs after start-up began", self._first_step_at)
-        self.checkpointer.note_progress(self.global_step, self._epoch_label())
-        self._check_shutdown_budget()
-        self._agree()
-        if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
+        ending = bool(cfg.train.max_steps) and self.global_step >= cfg.train.max_steps
+        self.manager.epoch = self._epoch_label()
+        self.manager.step_done(self.global_step, epoch_ends=last_of_epoch, ending=ending)
+        if ending:
             self.stop_reason = "max_steps"
             self.stop_message = f"reached --max-steps {cfg.train.max_steps}"
-            return True
-        every = cfg.ckpt.save_every_steps
-        if every and self.global_step % every == 0 and not (last_of_epoch and self._epoch_save_due()):
-            self._save()
-        return False
-
-    def _check_shutdown_budget(self) -> None:
-        """After the first save, warn once if an emergency save would not fit torchrun's
-        shutdown timeout (rank 0, which is the one that writes)."""
-        seconds = self.checkpointer.last_save_seconds
-        if self._budget_checked or dist.rank() != 0 or not seconds:
-            return
-        self._budget_checked = True
-        for problem in shutdown_budget_problems(seconds + self.checkpointer.stall_seconds):
-            log.warning("%s", problem)
-
-    def _agree(self, due: bool = False) -> None:
-        """Note this step's local flags and act on the ones every rank has agreed on (about a
-        quarter of a second later, see :class:`distrib.dist.LaggedAgreement`). Collective, but
-        never blocks on the step."""
-        fatal, preempt, lost = self.agreement.exchange(
-            [self.checkpointer.poll(), self.preemption.requested, self.checkpointer.lease_lost],
-            due=due)
-        if lost:
-            raise CheckpointError(f"another run took over {self.config.ckpt.checkpoint_dir} "
-                                  "(its lease went stale: was this job paused?); stopping "
-                                  "without writing there again")
-        if fatal:
-            raise SaveFailedError(f"{self.config.ckpt.max_failed_saves} consecutive checkpoint "
-                                  "saves failed; stopping (the newest committed checkpoint is "
-                                  "intact)")
-        if preempt:
-            self._emergency_save()
-
-    def _emergency_save(self) -> None:
-        """Every rank: wait for the save in flight, commit this step, then leave together."""
-        name = self.preemption.signal_name
-        if dist.rank() == 0:
-            log.warning("preemption notice (%s): writing an emergency checkpoint at step %d",
-                        name or "received by another rank", self.global_step)
-        started = time.perf_counter()
-        self._save(metric=None, blocking=True)
-        if dist.any_rank(not self.checkpointer.committed(self.global_step)):
-            raise SaveFailedError("the emergency checkpoint could not be written")
-        self.checkpointer.note_progress(self.global_step, self._epoch_label(), reason="preempted")
-        self.records.end("preempted", step=self.global_step, epoch=self._epoch_label(),
-                         reason=name)
-        if dist.rank() == 0:
-            log.warning("emergency checkpoint committed in %.1fs; exiting with code %d "
-                        "(preempted)", time.perf_counter() - started, exitcodes.PREEMPTED)
-        raise Preempted(self.global_step, name)
-
-    def _epoch_save_due(self) -> bool:
-        every = self.config.ckpt.save_every_epochs
-        return bool(every) and (self.epoch + 1) % every == 0
+        return ending
 
     # ================================================================== epoch end
 
@@ -707,15 +502,16 @@ class Trainer:
         self.epoch += 1
         self.samples_done = 0
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64), 0
-        self._agree(due=True)  # at least once an epoch, however short the steps
+        ending = stop or self.epoch >= cfg.train.max_epochs
+        # agrees at least once an epoch, however short the steps; saves if due
+        self.manager.epoch_done(self.epoch, metric=metrics.get(cfg.early_stop.monitor),
+                                metric_name=cfg.early_stop.monitor, ending=ending)
         if stop:
             self.stop_reason, self.stop_message = "early_stop", self.early_stopping.reason or ""
             log.info("%s", self.stop_message)
-        elif self.epoch >= cfg.train.max_epochs:
+        elif ending:
             self.stop_reason = "max_epochs"
             self.stop_message = f"reached --max-epochs {cfg.train.max_epochs}"
-        elif cfg.ckpt.save_every_epochs and self.epoch % cfg.ckpt.save_every_epochs == 0:
-            self._save(metric=metrics.get(cfg.early_stop.monitor))
 
     def evaluate(self) -> dict[str, float]:
         """Exact validation over the whole set: (sum, count) reduced across ranks. Collective.
@@ -786,32 +582,6 @@ class Trainer:
 
     # ================================================================== saving & finishing
 
-    def _save(self, metric: float | None = None, *, final: bool = False, blocking: bool = False,
-              replace: bool = False) -> None:
-        """Checkpoint the full state at this optimizer-step boundary. Collective.
-
-        ``blocking`` saves (final, emergency) return once the checkpoint is committed and skip
-        the write when this very step is already committed; ``replace`` rewrites it instead.
-        """
-        shared, per_rank = self._snapshot()
-        cfg = self.config
-        es = cfg.early_stop
-        meta = Meta(epoch=self._epoch_label(), world_size=dist.world_size(), final=final,
-                    # the manifest is strict JSON: a NaN/inf metric is recorded as null (no rank)
-                    metric=None if metric is None else Metric(
-                        es.monitor, metric if math.isfinite(metric) else None, es.mode),  # type: ignore[arg-type]
-                    config=cfg.to_public_dict(), config_fingerprint=cfg.fingerprint(),
-                    torch=torch.__version__)
-        deferrable = [*self.raw_module.parameters(),
-                      *(v for st in self.optimizer.state.values() for v in st.values()
-                        if isinstance(v, torch.Tensor))]
-        blocking = blocking or final
-        self.checkpointer.save(self.global_step, shared, per_rank, meta, blocking=blocking,
-                               replace=replace, skip_if_committed=blocking and not replace,
-                               deferrable=deferrable)
-        if blocking:
-            dist.barrier()  # nobody exits while rank 0 is still committing
-
     def _finish(self) -> FitResult:
         """Restore the best weights if asked, write the final checkpoint and the COMPLETE marker.
         Collective."""
@@ -824,17 +594,11 @@ class Trainer:
         # A checkpoint of this very step may exist already (a step save on the last step, or
         # this run resumed from its own final checkpoint): it is kept, unless restore-best
         # changed the weights, which rewrites it.
-        self._save(metric=self.last_metric, final=True, replace=bool(note))
-        self.agreement.drain()
-        if dist.any_rank(not self.checkpointer.committed(self.global_step)):
-            raise SaveFailedError("the final checkpoint could not be written")
-        if dist.rank() == 0:
-            self.checkpointer.store.mark_complete({
-                "step": self.global_step, "epoch": self.epoch, "reason": self.stop_reason,
-                "config_fingerprint": self.config.fingerprint(),
-                "config": self.config.to_public_dict()})
-            self.checkpointer.note_progress(self.global_step, self._epoch_label(),
-                                            reason="finished")
+        self.manager.epoch = self._epoch_label()
+        self.manager.finish(self.global_step, metric=self.last_metric,
+                            metric_name=self.config.early_stop.monitor, replace=bool(note),
+                            info={"epoch": self.epoch, "reason": self.stop_reason,
+                                  "config_fingerprint": self.config.fingerprint()})
         log.info("training finished after %d epochs, %d steps: %s%s", self.epoch,
                  self.global_step, self.stop_message, note)
         self.records.end("finished", step=self.global_step, epoch=self._epoch_label(),

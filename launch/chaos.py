@@ -113,7 +113,8 @@ class Job:
                                      text=True, start_new_session=True, env=env)
         self.started = threading.Event()
         self.replayed: list[int] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None

@@ -5,12 +5,7 @@ completion exits 0 at once; the manager's asynchronous saves never mix two steps
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,57 +15,23 @@ from torch import nn
 from distrib import CheckpointManager
 from distrib.checkpoint import CheckpointError
 
-from .conftest import REPO, base_env, chaos, run_cli
+from .conftest import LoggedJob, chaos_then_sigterm
 
 SCRIPT = "examples/own_loop.py"
 ARGS = ["--max-steps", "80", "--save-every", "10"]
-ENV = base_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
 
 
-class Job(chaos.Job):  # type: ignore[misc, name-defined]
-    def __init__(self, cmd: list[str], log: Path) -> None:
-        os.environ.update({k: v for k, v in ENV.items() if k in ("PYTHONPATH", "OMP_NUM_THREADS")})
-        os.chdir(REPO)
-        super().__init__(cmd, log)
-        self.log_path = log
-
-    def text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
 
 
 @pytest.mark.slow
 def test_own_loop_survives_sigkills_a_sigterm_and_a_relaunch(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    proc = run_cli([sys.executable, str(REPO / "launch" / "chaos.py"), "--kills", "2",
-                    "--seed", "5", "--min-delay", "0.1", "--max-delay", "0.6",
-                    "--workdir", str(work), "--json", str(tmp_path / "chaos.json"),
-                    "--script", SCRIPT, "--", *ARGS], cwd=REPO, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    result = json.loads((tmp_path / "chaos.json").read_text())
-    assert result["identical"] is True and result["kills"] == 2
-    assert "SIGKILL rank 0" in proc.stdout
-
-    ckpt = tmp_path / "sigterm"
     cmd = [sys.executable, "-m", "distrib.launch", "--standalone", "--nproc_per_node=2", SCRIPT,
-           *ARGS, "--checkpoint-dir", str(ckpt)]
-    job = Job(cmd, tmp_path / "sigterm.log")
-    assert job.started.wait(120), job.text()[-3000:]
-    time.sleep(0.3)
-    os.kill(job.proc.pid, signal.SIGTERM)
-    assert job.proc.wait(timeout=120) == 75, job.text()[-3000:]
-    step = int(re.search(r"emergency checkpoint at step (\d+)", job.text()).group(1))  # type: ignore[union-attr]
-    again = Job(cmd, tmp_path / "relaunch.log")
-    assert again.proc.wait(timeout=300) == 0, again.text()[-3000:]
-    time.sleep(0.2)
-    assert f"step {step}; it was written at a preemption notice, so no steps are lost" \
-        in again.text()
-    chaos.export(ckpt, tmp_path / "sigterm.pt")
-    assert chaos.compare(work / "reference.pt", tmp_path / "sigterm.pt") == []
-
-    done = Job(cmd, tmp_path / "done.log")  # complete: nothing to do, exit 0
-    assert done.proc.wait(timeout=120) == 0, done.text()[-3000:]
-    time.sleep(0.2)
+           *ARGS, "--checkpoint-dir", str(tmp_path / "sigterm")]
+    chaos_then_sigterm(tmp_path, ["--seed", "5", "--script", SCRIPT, "--", *ARGS], cmd)
+    assert "it was written at a preemption notice, so no steps are lost" in \
+        (tmp_path / "relaunch.log").read_text()
+    done = LoggedJob(cmd, tmp_path / "done.log")  # complete: nothing to do, exit 0
+    assert done.finish(120) == 0, done.text()[-3000:]
     assert "run already complete" in done.text() and "first optimizer step" not in done.text()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from .conftest import REPO, base_env, chaos, free_port, run_cli
+from .conftest import JOB_ENV, REPO, LoggedJob, chaos, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ TRAIN = 20000  # samples: 625 optimizer steps per epoch with 2 ranks x 16
 JOB = ["--task", "tests.tasks:tiny", "--task-arg", f"train={TRAIN}", "--task-arg", "dropout=0.1",
        "--max-epochs", "2", "--no-early-stop", "--batch-size", "16", "--save-every-steps", "50",
        "--no-progress", "--log-every-steps", "0"]
-ENV = base_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+ENV = JOB_ENV
 
 
 def torchrun(*args: str) -> list[str]:
@@ -38,26 +38,7 @@ def launch(ckpt: Path, *torchrun_args: str, job: list[str] = JOB,
             "--checkpoint-dir", str(ckpt)]
 
 
-class Job(chaos.Job):  # type: ignore[misc, name-defined]
-    """A launched job whose output is kept in a file and watched for the first step."""
-
-    def __init__(self, cmd: list[str], log: Path) -> None:
-        os.environ.update({k: v for k, v in ENV.items() if k in ("PYTHONPATH", "OMP_NUM_THREADS")})
-        os.chdir(REPO)
-        super().__init__(cmd, log)
-        self.log_path = log
-
-    def wait_started(self, timeout: float = 120) -> None:
-        assert self.started.wait(timeout), self.text()[-3000:]
-
-    def finish(self, timeout: float = 300) -> int:
-        rc = self.proc.wait(timeout=timeout)
-        time.sleep(0.2)  # let the output thread drain
-        return int(rc)
-
-    def text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
+Job = LoggedJob
 
 
 def export(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:

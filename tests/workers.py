@@ -297,5 +297,8 @@ SCENARIOS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
 }
 
 if __name__ == "__main__":
+    from distrib import setup_logging
+
+    setup_logging()  # log lines as the command line prints them (the tests read some)
     name, out, raw = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     SCENARIOS[name](out, json.loads(raw))

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from distrib import Callback, Config, Trainer, dist
+from distrib.manager import CheckpointManager
 from distrib.tasks import Task, build_task
 
 Stamps = list[tuple[int, float]]  # (epoch, time an optimizer step ended)
@@ -55,17 +56,28 @@ class StepClock(Callback):
         self.stamps.append((trainer.epoch, time.perf_counter()))
 
 
+class TimedManager(CheckpointManager):
+    """The checkpoint manager, with the time of its cross-rank agreements summed up."""
+
+    agree_s = 0.0
+
+    def agree(self, due: bool = False) -> None:
+        started = time.perf_counter()
+        try:
+            super().agree(due)
+        finally:
+            self.agree_s += time.perf_counter() - started
+
+
 class TimedTrainer(Trainer):
     """The Trainer, with the time of its cross-rank agreements and of its epochs summed up."""
 
-    agree_s = decide_s = epochs_s = 0.0
+    manager_class = TimedManager
+    decide_s = epochs_s = 0.0
 
-    def _agree(self, due: bool = False) -> None:
-        started = time.perf_counter()
-        try:
-            super()._agree(due)
-        finally:
-            self.agree_s += time.perf_counter() - started
+    @property
+    def agree_s(self) -> float:
+        return getattr(self.manager, "agree_s", 0.0)
 
     def _decide(self, metrics: dict[str, float]) -> bool:
         started = time.perf_counter()
