@@ -12,8 +12,16 @@ The Python API::
     sys.exit(exit_code(main))   # 0 done, 1 failed, 2 bad input, 75 preempted
 """
 
-from distrib.config import (CheckpointConfig, Config, ConfigError, EarlyStopConfig, LogConfig,
-                            OptimConfig, SchedConfig, TrainConfig)
+from distrib.config import (
+                            CheckpointConfig,
+                            Config,
+                            ConfigError,
+                            EarlyStopConfig,
+                            LogConfig,
+                            OptimConfig,
+                            SchedConfig,
+                            TrainConfig,
+)
 from distrib.early_stopping import EarlyStopping
 from distrib.exitcodes import exit_code
 from distrib.logs import setup_logging

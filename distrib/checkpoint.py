@@ -27,6 +27,7 @@ deleted (see :mod:`distrib.storage`). This module is rank-agnostic: the caller d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -39,10 +40,27 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 import xxhash
 
-from distrib.format import (MAX_MANIFEST_BYTES, MAX_MARKER_BYTES, MAX_STATE_BYTES, FileEntry,
-                            InvalidCheckpoint, Manifest, Meta, StateIndex, parse_marker)
-from distrib.serialization import (ByteSource, Layout, TensorSink, TensorSource, flatten_state,
-                                   plan_layout, tensor_indices, unflatten_state)
+from distrib.format import (
+    MAX_MANIFEST_BYTES,
+    MAX_MARKER_BYTES,
+    MAX_STATE_BYTES,
+    FileEntry,
+    InvalidCheckpoint,
+    Manifest,
+    Meta,
+    StateIndex,
+    parse_marker,
+)
+from distrib.serialization import (
+    ByteSource,
+    Layout,
+    TensorSink,
+    TensorSource,
+    flatten_state,
+    plan_layout,
+    tensor_indices,
+    unflatten_state,
+)
 from distrib.storage import Storage, StorageError, UnsafePath
 
 log = logging.getLogger(__name__)
@@ -221,8 +239,7 @@ class CheckpointStore:
         jobs: list[tuple[str, Callable[[], list[memoryview] | list[bytes]]]] = []
         for i, start in enumerate(range(0, layout.total, self.shard_bytes)):
             stop = min(start + self.shard_bytes, layout.total)
-            jobs.append((f"shard-{i:05d}-{token}.bin",
-                         lambda a=start, b=stop: source.segments(a, b)))
+            jobs.append((f"shard-{i:05d}-{token}.bin", functools.partial(source.segments, start, stop)))
         jobs.append((state_name, lambda: [state]))
 
         def put(job: tuple[str, Callable[[], list[memoryview] | list[bytes]]]) -> FileEntry:

@@ -34,8 +34,14 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 import torch
 
 from distrib import dist
-from distrib.checkpoint import (CheckpointError, CheckpointInfo, CheckpointStore,
-                                CorruptCheckpoint, LoadedCheckpoint, step_dir)
+from distrib.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointStore,
+    CorruptCheckpoint,
+    LoadedCheckpoint,
+    step_dir,
+)
 from distrib.format import InvalidCheckpoint, Meta
 from distrib.lease import Lease, LeaseHeld
 from distrib.serialization import ByteSource, FlatBuffer, TensorSource, flatten_state, plan_layout
@@ -74,7 +80,7 @@ def retention(infos: list[CheckpointInfo], keep_last: int, keep_best: int,
     newest = max(i.step for i in valid)
     keep = {i.step for i in sorted(valid, key=lambda i: i.step)[-max(1, keep_last):]}
     scored = [i for i in valid if i.metric is not None]
-    scored.sort(key=lambda i: i.metric if mode == "min" else -i.metric)  # type: ignore[operator]
+    scored.sort(key=lambda i: float(i.metric or 0.0) if mode == "min" else -float(i.metric or 0.0))
     keep |= {i.step for i in scored[:keep_best]}
     deleted = [i for i in infos if i.step not in keep and i.step < newest]
     return [i for i in infos if i not in deleted], deleted
@@ -141,7 +147,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, state: dict[str, Any], per_rank: Any, meta: Meta,
+    def save(self, step: int, state: dict[str, Any], per_rank: Any,
+             meta: Meta | Mapping[str, Any],
              *, blocking: bool = False, replace: bool = False, skip_if_committed: bool = False,
              deferrable: Iterable[torch.Tensor] = ()) -> None:
         """Checkpoint ``state`` (identical on all ranks) plus every rank's ``per_rank`` at ``step``.
@@ -189,7 +196,8 @@ class Checkpointer:
             self._write(*args)
             self._collect()
 
-    def _write(self, step: int, source: ByteSource, layout: Any, skeleton: Any, meta: Meta,
+    def _write(self, step: int, source: ByteSource, layout: Any, skeleton: Any,
+               meta: Meta | Mapping[str, Any],
                replace: bool) -> None:
         started = time.perf_counter()
         error: BaseException | None = None

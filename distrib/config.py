@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -57,8 +58,7 @@ def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None,
             "metavar": metavar, "fingerprint": fingerprint, "flag": flag, "lo": lo, "hi": hi,
             "gt": gt, "resume": resume}
     if isinstance(default, (dict, list)):
-        factory: Callable[[], Any] = (lambda d=default: type(d)(d))
-        return field(default_factory=factory, metadata=meta)
+        return field(default_factory=functools.partial(type(default), default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -564,7 +564,7 @@ def _parse_pair(text: str) -> tuple[float, float]:
         parts = ()
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -606,10 +606,18 @@ def build_parser(prog: str = "python -m distrib.train",
     return parser
 
 
+def _default(f: dataclasses.Field[Any]) -> Any:
+    """A dataclass field's default value (from its factory if it has one)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    return factory()
+
+
 def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field[Any]) -> None:
     base, optional = _field_type(f)
     meta = f.metadata
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = _default(f)
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     help_text = f"{meta['help']} (default: {shown if shown != {} else 'none'})"
     kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -641,7 +649,7 @@ def markdown_options() -> str:
                 "|---|---|---|"]
         for f in dataclasses.fields(cls):
             base, optional = _field_type(f)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = _default(f)
             shown = ("off" if default is None else "none" if default == {} else
                      ",".join(map(str, default)) if isinstance(default, tuple) else str(default))
             flag = flag_name(f.name)

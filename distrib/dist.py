@@ -13,6 +13,7 @@ reduce, then act together.
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 import time
@@ -79,7 +80,8 @@ def setup(timeout_s: float) -> tuple[DistInfo, bool]:
     # threads would then meet interpreter finalization, and one that drops the last reference
     # to a finished Work while the main thread finalizes aborts the process ("terminate called
     # without an active exception"). Imported before the group exists, it holds None.
-    import torch.distributed.nn.functional  # noqa: F401
+    importlib.import_module("torch.distributed.nn.functional")  # not `import torch.…`: that
+    # would make `torch` a local name of this whole function
     backend = "nccl" if info.device.type == "cuda" else "gloo"
     tdist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
                              timeout=datetime.timedelta(seconds=timeout_s))

@@ -107,7 +107,7 @@ def _torchrun(argv: list[str]) -> None:
     passes them on to the workers)."""
     from torch.distributed.run import parse_args, run
 
-    run(parse_args(argv))
+    run(parse_args(argv))  # type: ignore[no-untyped-call]
 
 
 def _describe(exc: BaseException) -> str:

@@ -69,7 +69,8 @@ def build_scheduler(optimizer: Optimizer, config: Config, steps_per_epoch: int,
     if s.scheduler == "none":
         return None
     if s.scheduler == "plateau":
-        return ReduceLROnPlateau(optimizer, mode=config.early_stop.mode, factor=s.plateau_factor,
+        return ReduceLROnPlateau(optimizer, mode="max" if config.early_stop.mode == "max" else "min",
+                                 factor=s.plateau_factor,
                                  patience=s.plateau_patience)
     return LambdaLR(optimizer, lr_factor(config, steps_per_epoch, total_steps))
 

@@ -9,6 +9,7 @@ step boundaries, agrees on it across ranks, writes an emergency checkpoint and e
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import multiprocessing.context
 import os
@@ -116,9 +117,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
-    context = type(base)()
-    context.Process = Process  # type: ignore[attr-defined]
-    return context
+    context: Any = copy.copy(base)  # the default kind (fork, spawn ...), with this Process
+    context.Process = Process
+    return context  # type: ignore[no-any-return]
 
 
 class Preempted(Exception):

@@ -25,8 +25,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from distrib.format import (ALIGN, DTYPES, MAX_DEPTH, InvalidCheckpoint, TensorEntry,
-                            check_depth)
+from distrib.format import ALIGN, DTYPES, MAX_DEPTH, InvalidCheckpoint, TensorEntry, check_depth
 
 _TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__")
 
@@ -184,7 +183,7 @@ class FlatBuffer:
             _place(self.data, entry).copy_(t, non_blocking=t.is_cuda)
             on_cuda = on_cuda or t.is_cuda
         if on_cuda:
-            self.pending = torch.cuda.Event()
+            self.pending = torch.cuda.Event()  # type: ignore[no-untyped-call]
             self.pending.record()
 
     def ready(self) -> None:
@@ -195,7 +194,7 @@ class FlatBuffer:
 
     def view(self, start: int, stop: int) -> memoryview:
         """Bytes ``[start, stop)`` of the buffer, without a copy."""
-        return memoryview(self.data.numpy()).cast("B")[start:stop]
+        return memoryview(self.data.numpy()).cast("B")[start:stop]  # type: ignore[arg-type]
 
     def prepare(self) -> None:
         """:class:`ByteSource`: finish the deferred copies and wait for device copies."""
@@ -272,7 +271,7 @@ class TensorSource(_Spans):
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 class TensorSink(_Spans):

@@ -40,7 +40,8 @@ def seed_worker(worker_id: int) -> None:
 
 def capture_rng() -> dict[str, Any]:
     """This process's complete RNG state."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy: Any = np.random.get_state()
+    name, keys, pos, has_gauss, cached = legacy
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

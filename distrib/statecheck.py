@@ -35,35 +35,35 @@ def check_like(saved: Any, live: Any, what: str, *, subset: bool = False) -> Non
     Where ``live`` holds None anything JSON-like is accepted."""
     stack = [(saved, live, what)]
     while stack:
-        s, l, where = stack.pop()
-        if l is None:
+        s, live_part, where = stack.pop()
+        if live_part is None:
             continue
-        if isinstance(l, torch.Tensor):
-            if not isinstance(s, torch.Tensor) or s.shape != l.shape or s.dtype != l.dtype:
+        if isinstance(live_part, torch.Tensor):
+            if not isinstance(s, torch.Tensor) or s.shape != live_part.shape or s.dtype != live_part.dtype:
                 got = (f"{s.dtype} {tuple(s.shape)}" if isinstance(s, torch.Tensor)
                        else type(s).__name__)
-                raise _fail(where, f"expected a {l.dtype} tensor of shape {tuple(l.shape)}, got "
+                raise _fail(where, f"expected a {live_part.dtype} tensor of shape {tuple(live_part.shape)}, got "
                             f"{got}")
-        elif isinstance(l, Mapping):
+        elif isinstance(live_part, Mapping):
             if not isinstance(s, Mapping):
                 raise _fail(where, f"expected a mapping, got {type(s).__name__}")
-            extra, missing = set(s) - set(l), set(l) - set(s)
+            extra, missing = set(s) - set(live_part), set(live_part) - set(s)
             if extra or (missing and not subset):
                 raise _fail(where, "keys do not fit"
                             + (f"; unexpected: {_names(extra)}" if extra else "")
                             + (f"; missing: {_names(missing)}" if missing and not subset else ""))
-            stack.extend((s[k], l[k], f"{where}.{k}") for k in s)
-        elif isinstance(l, (list, tuple)):
-            if not isinstance(s, (list, tuple)) or len(s) != len(l):
-                raise _fail(where, f"expected a sequence of {len(l)}, got {_kind(s)}")
-            stack.extend((a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(s, l)))
-        elif isinstance(l, bool):
+            stack.extend((s[k], live_part[k], f"{where}.{k}") for k in s)
+        elif isinstance(live_part, (list, tuple)):
+            if not isinstance(s, (list, tuple)) or len(s) != len(live_part):
+                raise _fail(where, f"expected a sequence of {len(live_part)}, got {_kind(s)}")
+            stack.extend((a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(s, live_part)))
+        elif isinstance(live_part, bool):
             if not isinstance(s, bool):
                 raise _fail(where, f"expected true or false, got {_kind(s)}")
-        elif isinstance(l, (int, float)):
+        elif isinstance(live_part, (int, float)):
             if isinstance(s, bool) or not isinstance(s, (int, float)):
                 raise _fail(where, f"expected a number, got {_kind(s)}")
-        elif isinstance(l, str) and not isinstance(s, str):
+        elif isinstance(live_part, str) and not isinstance(s, str):
             raise _fail(where, f"expected a string, got {_kind(s)}")
 
 

@@ -196,7 +196,7 @@ class Storage(abc.ABC):
         """Atomically rename directory ``src`` to ``dst``; FileExistsError if ``dst`` exists."""
         raise NotImplementedError(f"{self.url} has no atomic rename")
 
-    def mkdir(self, rel: str) -> None:
+    def mkdir(self, rel: str) -> None:  # noqa: B027 (a no-op unless a backend has directories)
         """Create directory ``rel`` and its parents (a no-op on object stores)."""
 
 

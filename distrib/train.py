@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from distrib import exitcodes
-from distrib.config import Config, ConfigError, build_parser, config_from_namespace
+from distrib.config import Config, build_parser, config_from_namespace
 
 PROG = "python -m distrib.train"
 log = logging.getLogger("distrib.train")

@@ -21,15 +21,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset
 
-from distrib import dist
+from distrib import dist, trainstate
 from distrib.config import Config, ConfigError, resume_differences
 from distrib.data import StreamShard, TrainStream, check_data, is_stream, stateful_loader
 from distrib.early_stopping import EarlyStopping
 from distrib.logs import Progress, progress_enabled
-from distrib.optim import build_optimizer, build_scheduler, current_lr
 from distrib.manager import CheckpointManager
-from distrib.preemption import (Preempted, PreemptionHandler, detach_worker_process,
-                                shutdown_budget_problems, torchrun_env_problem, worker_context)
+from distrib.optim import build_optimizer, build_scheduler, current_lr
+from distrib.preemption import (
+    Preempted,
+    PreemptionHandler,
+    detach_worker_process,
+    shutdown_budget_problems,
+    torchrun_env_problem,
+    worker_context,
+)
 from distrib.preflight import check_locations
 from distrib.records import RunRecords, default_log_dir
 from distrib.sampler import ResumableSampler
@@ -37,7 +43,6 @@ from distrib.state import derive_seed, seed_everything, seed_worker
 from distrib.storage import parse_options
 from distrib.strategy import DDPStrategy, unwrap
 from distrib.tasks import Task, TaskBuilder, build_task
-from distrib import trainstate
 
 log = logging.getLogger(__name__)
 

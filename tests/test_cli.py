@@ -11,7 +11,7 @@ import torch.distributed as tdist
 
 from distrib.train import main
 
-from .conftest import REPO, base_env, free_port, run_cli
+from .conftest import REPO, free_port, run_cli
 
 BAD_INPUTS = [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from distrib.early_stopping import EarlyStopping
-from distrib.records import RunRecords, merge, read_history, read_segments
-from distrib.report import main as report_main, summarize
+from distrib.records import RunRecords, read_history, read_segments
+from distrib.report import main as report_main
+from distrib.report import summarize
 from distrib.storage import open_storage
 from distrib.train import main as train_main
 

@@ -12,8 +12,7 @@ from typing import Any, Mapping, Sequence
 import pytest
 
 from distrib.checkpoint import CheckpointStore
-from distrib.storage import (Buffer, Storage, StorageError, check_rel, open_storage,
-                             register_storage)
+from distrib.storage import Buffer, Storage, StorageError, check_rel, open_storage, register_storage
 
 from .ckpt_helpers import assert_same, training_state
 from .storage_contract import StorageContract

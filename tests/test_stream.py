@@ -15,8 +15,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from distrib import Callback, Config, Trainer
-from distrib.data import (StreamShard, TrainStream, checkpointable, reader_states, stateful_loader,
-                          stream_steps)
+from distrib.data import (
+    StreamShard,
+    TrainStream,
+    checkpointable,
+    reader_states,
+    stateful_loader,
+    stream_steps,
+)
 from distrib.format import InvalidCheckpoint
 from distrib.serialization import flatten_state, unflatten_state
 from distrib.storage import LocalStorage

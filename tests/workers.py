@@ -187,7 +187,7 @@ def scenario_resume_each(out_dir: Path, args: dict[str, Any]) -> None:
 
         class Start(Callback):
             def on_fit_start(self, trainer: Trainer) -> None:
-                start["step"] = trainer.global_step
+                start["step"] = trainer.global_step  # noqa: B023 (called within this iteration)
 
         try:
             result = Trainer(Config.from_args(args["argv"] + ["--checkpoint-dir", url]),
@@ -233,7 +233,7 @@ def scenario_fit_loop(out_dir: Path, args: dict[str, Any]) -> None:
 
                 class Watch(Callback):
                     def on_fit_start(self, trainer: Trainer) -> None:
-                        groups.append(weakref.ref(tdist.group.WORLD))
+                        groups.append(weakref.ref(tdist.group.WORLD))  # noqa: B023
 
                 config = Config.from_args([
                     "--task", "tests.tasks:tiny", "--max-epochs", "1", "--no-progress",

@@ -11,8 +11,7 @@ import tempfile
 import time
 from typing import Any, Callable, NoReturn, Sequence
 
-from distrib.bench.core import (Figure, Settings, environment, figure, markdown_table,
-                                 text_table)
+from distrib.bench.core import Figure, Settings, environment, figure, markdown_table, text_table
 
 ALL = tuple(range(1, 10))
 

@@ -23,6 +23,7 @@ from distrib.checkpoint import CheckpointStore
 from distrib.checkpointer import Checkpointer
 from distrib.storage import LocalStorage
 
+
 class TrainingState:
     """A model of ``Linear(w, w)`` layers and an Adam optimizer that has taken one step, sized so
     that model + optimizer state is at least ``nbytes``."""

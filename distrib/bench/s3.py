@@ -8,8 +8,8 @@ number of bytes to the same server; the baselines upload one file from local dis
 from __future__ import annotations
 
 import os
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import time

@@ -46,7 +46,8 @@ class LSTMRegressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(x)
-        return self.head(out[:, -1])
+        result: torch.Tensor = self.head(out[:, -1])
+        return result
 
 
 def absolute_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
