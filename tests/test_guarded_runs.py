@@ -77,12 +77,14 @@ class DamageOlderManifest(Callback):
 
 
 def test_trouble_after_a_commit_is_not_a_failed_save(tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="distrib")
     config = Config.from_args(TINY + ["--max-epochs", "3", "--save-every-steps", "2",
                                       "--keep-last", "2", "--checkpoint-dir", str(tmp_path)])
     trainer = Trainer(config, callbacks=[DamageOlderManifest(at=5)])
     result = trainer.fit()
-    log = capsys.readouterr().err
+    log = caplog.text
+    assert "checkpoint step 6 saved" in log and "checkpoint step 12 saved" in log
     assert result.stop_reason == "max_epochs" and "failed (" not in log
     assert trainer.checkpointer.failures == 0
 

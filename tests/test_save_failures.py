@@ -6,6 +6,7 @@ that raises on chosen writes), the way any third-party fsspec backend plugs in."
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import fsspec
@@ -59,23 +60,25 @@ def _clean() -> None:
     FlakyFS.store.clear()
 
 
-def test_transient_errors_are_retried(capsys: pytest.CaptureFixture[str]) -> None:
+def test_transient_errors_are_retried(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="distrib")
     FlakyFS.faults = {"step-000000004/shard": [ConnectionResetError("reset by peer"),
                                                TimeoutError("read timed out")]}
     result = Trainer(Config.from_args(ARGS + ["--checkpoint-dir", "flaky://run1"])).fit()
-    log = capsys.readouterr().err
+    log = caplog.text
     assert result.stop_reason == "max_epochs"
     assert log.count("retry") == 2 and "write flaky://run1 failed (ConnectionResetError" in log
     steps = [i.step for i in CheckpointStore(open_storage("flaky://run1")).scan()]
     assert 4 in steps and "checkpoint step 4 failed" not in log
 
 
-def test_a_failed_save_is_logged_and_training_continues(capsys: pytest.CaptureFixture[str]
+def test_a_failed_save_is_logged_and_training_continues(caplog: pytest.LogCaptureFixture
                                                         ) -> None:
+    caplog.set_level(logging.INFO, logger="distrib")
     FlakyFS.faults = {"step-000000004/manifest": [PermissionError("access denied")]}
     result = Trainer(Config.from_args(ARGS + ["--checkpoint-dir", "flaky://run2"])).fit()
     assert result.stop_reason == "max_epochs" and result.global_step == 12
-    log = capsys.readouterr().err
+    log = caplog.text
     assert "checkpoint step 4 failed (1/3 consecutive): PermissionError" in log
     store = CheckpointStore(open_storage("flaky://run2"))
     infos = store.scan()
@@ -84,8 +87,9 @@ def test_a_failed_save_is_logged_and_training_continues(capsys: pytest.CaptureFi
     assert store.completion() is not None
 
 
-def test_a_listing_error_after_a_commit_is_only_a_warning(capsys: pytest.CaptureFixture[str]
+def test_a_listing_error_after_a_commit_is_only_a_warning(caplog: pytest.LogCaptureFixture
                                                           ) -> None:
+    caplog.set_level(logging.INFO, logger="distrib")
     """Retention lists the directory after each commit; that failing does not make the
     committed save a failure."""
     class Arm(Callback):  # after start-up, which lists the directory too
@@ -94,7 +98,7 @@ def test_a_listing_error_after_a_commit_is_only_a_warning(capsys: pytest.Capture
 
     result = Trainer(Config.from_args(ARGS + ["--checkpoint-dir", "flaky://run5"]),
                      callbacks=[Arm()]).fit()
-    log = capsys.readouterr().err
+    log = caplog.text
     assert result.stop_reason == "max_epochs" and "consecutive" not in log
     assert log.count("is committed, but removing older checkpoints failed") == 3
     assert [i.step for i in CheckpointStore(open_storage("flaky://run5")).scan()][-1] == 12
@@ -118,13 +122,14 @@ def test_consecutive_failures_end_the_job() -> None:
 
 
 def test_storage_options_are_not_saved_or_logged(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="distrib")
     secret = "sk-distrib-test-0123456789"
     config = Config.from_args(["--task", "tests.tasks:tiny", "--max-epochs", "1",
                                "--checkpoint-dir", str(tmp_path / "ck"), "--log-level", "debug",
                                "--storage-option", f"secret={secret}"])
     Trainer(config).fit()
-    assert secret not in capsys.readouterr().err
+    assert "checkpoint step" in caplog.text and secret not in caplog.text
     for path in (tmp_path / "ck").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
