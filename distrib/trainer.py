@@ -149,7 +149,6 @@ class Trainer:
         self.info = info
         self._fit_started = time.perf_counter()
         self._first_step_at: float | None = None
-        self._budget_checked = False
         self.preemption = PreemptionHandler().install()
         graceful = False
         try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from distrib import dist
 from distrib.format import InvalidCheckpoint
 from distrib.statecheck import check_like, check_number
 
@@ -54,8 +55,6 @@ class Progress:
 
     def state_dict(self) -> dict[str, Any]:
         t = self.trainer
-        from distrib import dist
-
         return {"epoch": t.epoch, "global_step": t.global_step, "samples_done": t.samples_done,
                 "world_size": dist.world_size(), "last_metric": t.last_metric}
 
