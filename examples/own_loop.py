@@ -72,8 +72,10 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
-    if args.max_steps < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.save_every < 0:
-        parser.error("--max-steps, --batch-size and --grad-accum must be >= 1")
+    if min(args.max_steps, args.batch_size, args.grad_accum) < 1 or args.save_every < 0 \
+            or not 0 < args.lr < math.inf:
+        parser.error("--max-steps, --batch-size and --grad-accum must be >= 1, --save-every >= 0 "
+                     "and --lr a positive number")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
