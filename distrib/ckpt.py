@@ -27,10 +27,10 @@ from typing import Any, Sequence
 
 import torch
 
-from distrib.checkpoint import CheckpointInfo, CheckpointStore, CorruptCheckpoint
-from distrib.checkpointer import retention
+from distrib.checkpoint.checkpointer import retention
+from distrib.checkpoint.storage import open_storage, parse_options
+from distrib.checkpoint.store import CheckpointInfo, CheckpointStore, CorruptCheckpoint
 from distrib.config import parse_key_value
-from distrib.storage import open_storage, parse_options
 
 PROG = "python -m distrib.ckpt"
 

@@ -63,11 +63,8 @@ def exit_code(main: Callable[[], object], prog: str | None = None) -> int:
 
 
 def _run(main: Callable[[], object], prog: str) -> int:
-    from distrib.checkpoint import CheckpointError, SaveFailedError
-    from distrib.config import ConfigError
-    from distrib.preemption import Preempted
+    from distrib.config import ConfigError  # no torch: a bad flag is reported at once
 
-    log = logging.getLogger("distrib")
     try:
         main()
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, message already printed)
@@ -75,18 +72,24 @@ def _run(main: Callable[[], object], prog: str) -> int:
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return PERMANENT
-    except Preempted:
-        return PREEMPTED
-    except CheckpointError as exc:
-        log.error("%s", exc)
-        return PERMANENT
-    except SaveFailedError as exc:
-        log.error("%s", exc)
-        return FAILURE
     except KeyboardInterrupt:
-        log.error("interrupted")
+        logging.getLogger("distrib").error("interrupted")
         return FAILURE
-    except Exception:
-        log.exception("training failed")
-        return FAILURE
+    except Exception as exc:
+        return _code_of(exc)
     return OK
+
+
+def _code_of(exc: Exception) -> int:
+    """The exit code of an exception that ended ``main()``, logged (imports torch: only here)."""
+    from distrib.checkpoint.store import CheckpointError, SaveFailedError
+    from distrib.runtime.preemption import Preempted
+
+    log = logging.getLogger("distrib")
+    if isinstance(exc, Preempted):
+        return PREEMPTED
+    if isinstance(exc, (CheckpointError, SaveFailedError)):
+        log.error("%s", exc)
+        return PERMANENT if isinstance(exc, CheckpointError) else FAILURE
+    log.error("training failed", exc_info=exc)
+    return FAILURE

@@ -1,7 +1,7 @@
 """``python -m distrib.report RUN_DIR [--out report.png]``: one picture and a short summary of a run.
 
 RUN_DIR is the log dir (``--log-dir``) or the checkpoint dir whose ``logs/`` holds the records, a
-local path or an fsspec URL. It reads the merged history (:func:`distrib.records.read_history`), so
+local path or an fsspec URL. It reads the merged history (:func:`distrib.records.events.read_history`), so
 it works on a finished run, an interrupted one and one still in progress. The PNG (matplotlib,
 Agg backend, no display) shows loss per epoch with the best and the early-stopping epoch, the
 learning rate, and a time axis with checkpoint saves, interruptions and resumes.
@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from distrib.checkpoint.storage import Storage, open_storage, parse_options
 from distrib.config import parse_key_value
-from distrib.records import History, read_history, segment_names
-from distrib.storage import Storage, open_storage, parse_options
+from distrib.records.events import History, read_history, segment_names
 
 PROG = "python -m distrib.report"
 RECENT_S = 120.0  # a run whose last record is younger than this may still be running
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: the picture needs matplotlib, which is not installed (pip install "
               "'distrib[plot]'; or --no-plot for the summary only)", file=sys.stderr)
         return 2
-    from distrib.plot import draw
+    from distrib.records.plot import draw
 
     try:
         width, height = draw(history, summary, args.out, title=storage.url)

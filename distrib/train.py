@@ -2,7 +2,7 @@
 
 Everything the user can get wrong is checked before the process group exists and before anything
 is written: flags and the config file (argparse, :mod:`distrib.config`, every value range-checked),
-the checkpoint and log locations (:mod:`distrib.preflight`: scheme, storage options, a writable
+the checkpoint and log locations (:mod:`distrib.checkpoint.preflight`: scheme, storage options, a writable
 directory, the bucket, the credentials), the tensorboard package for ``--tensorboard``, the task
 import, the task's own option checks and the monitored metric. Each problem is one line on stderr and exit
 code 2 (:data:`distrib.exitcodes.PERMANENT`).
@@ -34,13 +34,13 @@ def prepare(argv: Sequence[str] | None) -> tuple[Config, "object", bool]:
     was asked for. Raises ConfigError (argparse exits 2 on an unknown flag)."""
     ns = build_parser(PROG, extra=_extra_flags).parse_args(argv)
     config = config_from_namespace(ns)
-    from distrib.preflight import check_locations
+    from distrib.checkpoint.preflight import check_locations
     from distrib.tasks import build_task
 
     check_locations(config)
     task = build_task(config)
-    from distrib.data import check_data
-    from distrib.trainer import Trainer
+    from distrib.training.data import check_data
+    from distrib.training.trainer import Trainer
 
     Trainer.check_monitor(config, task)
     check_data(config, task)
@@ -59,8 +59,8 @@ def _run(argv: Sequence[str] | None) -> None:
         print(f"{PROG}: configuration OK (task {config.train.task}, checkpoints in "
               f"{config.ckpt.checkpoint_dir})")
         return
-    from distrib.logs import setup_logging
-    from distrib.trainer import Trainer
+    from distrib.runtime.logs import setup_logging
+    from distrib.training.trainer import Trainer
 
     setup_logging(level=config.log.log_level)  # the command line's log format (rank from $RANK)
 
@@ -74,7 +74,7 @@ def exit_now(code: int) -> None:
     the process group is destroyed, so finalizing the interpreter (about 1.4 s of CPU per rank
     with torch and torch._dynamo loaded: collecting and freeing every module) buys nothing. It
     used to hide an abort at exit as well ("terminate called without an active exception"); that
-    one's cause is fixed in :func:`distrib.dist.setup`, and Python API runs, which exit normally,
+    one's cause is fixed in :func:`distrib.runtime.dist.setup`, and Python API runs, which exit normally,
     are tested for it (tests/test_distributed.py).
     """
     logging.shutdown()

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distrib.state import capture_rng
+from distrib.runtime.rng import capture_rng
 
 
 def training_state(seed: int = 0, width: int = 64) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distrib.checkpoint import MANIFEST, CheckpointStore  # noqa: E402
-from distrib.storage import Buffer, Storage, open_storage  # noqa: E402
+from distrib.checkpoint.storage import Buffer, Storage, open_storage  # noqa: E402
+from distrib.checkpoint.store import MANIFEST, CheckpointStore  # noqa: E402
 from tests.ckpt_helpers import training_state  # noqa: E402
 
 

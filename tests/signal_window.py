@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from distrib.preemption import PreemptionHandler, detach_worker_process, worker_context  # noqa: E402
+from distrib.runtime.preemption import PreemptionHandler, detach_worker_process, worker_context  # noqa: E402
 
 
 def early_signal(worker_id: int) -> None:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from distrib.storage import Storage, StorageError, UnsafePath
+from distrib.checkpoint.storage import Storage, StorageError, UnsafePath
 
 
 class StorageContract:

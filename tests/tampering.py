@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import xxhash
 
-from distrib.storage import Storage
+from distrib.checkpoint.storage import Storage
 
 NEWEST, FALLBACK = 4, 2
 STEP = f"step-{NEWEST:09d}"

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from distrib import Config, ConfigError, Task, Trainer, exit_code
-from distrib.checkpoint import CheckpointStore, SaveFailedError
-from distrib.preemption import Preempted
-from distrib.storage import LocalStorage
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import CheckpointStore, SaveFailedError
+from distrib.runtime.preemption import Preempted
 
 from .tasks import tiny
 

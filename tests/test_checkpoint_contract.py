@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from distrib.checkpoint import COMPLETE, MANIFEST, CheckpointStore, CorruptCheckpoint, step_dir
-from distrib.checkpointer import Checkpointer
-from distrib.storage import Storage, open_storage
+from distrib.checkpoint.checkpointer import Checkpointer
+from distrib.checkpoint.storage import Storage, open_storage
+from distrib.checkpoint.store import COMPLETE, MANIFEST, CheckpointStore, CorruptCheckpoint, step_dir
 
 from .ckpt_helpers import assert_same, training_state
 

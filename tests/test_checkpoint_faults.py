@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from distrib.checkpoint import CheckpointStore, step_dir
-from distrib.checkpointer import Checkpointer
-from distrib.storage import open_storage
+from distrib.checkpoint.checkpointer import Checkpointer
+from distrib.checkpoint.storage import open_storage
+from distrib.checkpoint.store import CheckpointStore, step_dir
 
 from .ckpt_helpers import assert_same, training_state
 from .conftest import REPO, base_env

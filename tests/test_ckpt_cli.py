@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrib.checkpoint import CheckpointStore, step_dir
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import CheckpointStore, step_dir
 from distrib.ckpt import main
-from distrib.storage import LocalStorage
 
 from .ckpt_helpers import training_state
 

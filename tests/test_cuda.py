@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrib.checkpoint import CheckpointStore
-from distrib.checkpointer import Checkpointer
-from distrib.format import Meta
-from distrib.storage import LocalStorage
+from distrib.checkpoint.checkpointer import Checkpointer
+from distrib.checkpoint.format import Meta
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import CheckpointStore
 
 from .ckpt_helpers import assert_same
 from .conftest import REPO, base_env, chaos, run_cli

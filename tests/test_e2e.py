@@ -20,7 +20,7 @@ TINY = ["--task", "tests.tasks:tiny", "--max-epochs", "2", "--no-progress"]
 def _epoch_lines(stderr: str) -> list[dict[str, float]]:
     rows = []
     for line in stderr.splitlines():
-        if re.search(r"INFO distrib.trainer: epoch \d+/\d+", line):
+        if re.search(r"INFO distrib.training.trainer: epoch \d+/\d+", line):
             rows.append({k: float(v) for k, v in re.findall(r"(\w+_loss|val_\w+) ([\d.]+)", line)})
     return rows
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distrib.early_stopping import EarlyStopping
+from distrib.training.early_stopping import EarlyStopping
 
 NAN, INF = math.nan, math.inf
 F, T = False, True
@@ -100,7 +100,7 @@ def test_state_round_trip_resumes_the_counter() -> None:
 
 
 def test_state_with_infinite_best_round_trips_through_checkpoint_codec() -> None:
-    from distrib.serialization import flatten_state, unflatten_state
+    from distrib.checkpoint.serialization import flatten_state, unflatten_state
 
     es = EarlyStopping(mode="max")
     skeleton, tensors = flatten_state(es.state_dict())

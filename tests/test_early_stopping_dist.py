@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrib.checkpoint import CheckpointStore
-from distrib.serialization import unflatten_state
-from distrib.storage import LocalStorage
+from distrib.checkpoint.serialization import unflatten_state
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import CheckpointStore
 
 from .conftest import launch_ranks
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from distrib import Callback, Config, Trainer
-from distrib.checkpoint import MANIFEST, CheckpointStore, step_dir
-from distrib.checkpointer import Checkpointer
+from distrib.checkpoint.checkpointer import Checkpointer
+from distrib.checkpoint.format import Meta
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import MANIFEST, CheckpointStore, step_dir
 from distrib.ckpt import main as ckpt_main
-from distrib.format import Meta
 from distrib.report import main as report_main
-from distrib.storage import LocalStorage
 
 from .ckpt_helpers import training_state
 from .conftest import REPO, run_cli
@@ -276,7 +276,7 @@ def test_the_wait_message_names_the_save_in_flight(tmp_path: Path,
 
 
 def test_the_fatal_flag_clears_when_a_save_commits() -> None:
-    from distrib.storage import open_storage
+    from distrib.checkpoint.storage import open_storage
 
     from .test_save_failures import FlakyFS
 

@@ -208,7 +208,7 @@ def test_pod_failure_policy_uses_distribs_exit_codes_with_restart_policy_never()
 
 
 def test_grace_period_exceeds_torchruns_shutdown_timeout_which_exceeds_the_save() -> None:
-    from distrib.preemption import shutdown_budget_problems
+    from distrib.runtime.preemption import shutdown_budget_problems
 
     for overlay, doc in workloads():
         for template in pod_templates(doc):
@@ -471,8 +471,8 @@ class LocalCluster:
 
     def final_checkpoint(self) -> tuple[Any, dict[str, Any] | None]:
         """The newest checkpoint's info and the run's completion marker."""
-        from distrib.checkpoint import CheckpointStore
-        from distrib.storage import open_storage
+        from distrib.checkpoint.storage import open_storage
+        from distrib.checkpoint.store import CheckpointStore
 
         from .s3servers import clear_s3fs_cache
 

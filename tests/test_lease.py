@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from distrib import Config, Task, Trainer
-from distrib.checkpoint import CheckpointError
-from distrib.lease import Lease, LeaseHeld, run_identity
-from distrib.storage import LocalStorage, open_storage
+from distrib.checkpoint.lease import Lease, LeaseHeld, run_identity
+from distrib.checkpoint.storage import LocalStorage, open_storage
+from distrib.checkpoint.store import CheckpointError
 
 from .conftest import REPO, base_env, torchrun
 from .tasks import tiny
@@ -169,12 +169,12 @@ def test_the_trainer_stops_when_another_run_takes_over(tmp_path: Path) -> None:
         return task
 
     handler = Seen()
-    logging.getLogger("distrib.lease").addHandler(handler)
+    logging.getLogger("distrib.checkpoint.lease").addHandler(handler)
     try:
         with pytest.raises(CheckpointError, match="another run took over"):
             Trainer(config, task=build).fit()
     finally:
-        logging.getLogger("distrib.lease").removeHandler(handler)
+        logging.getLogger("distrib.checkpoint.lease").removeHandler(handler)
     assert not list(ck.glob("step-*"))  # nothing written after the takeover
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from distrib import CheckpointManager
-from distrib.checkpoint import CheckpointError
+from distrib.checkpoint.store import CheckpointError
 
 from .conftest import LoggedJob, chaos_then_sigterm
 
@@ -99,8 +99,8 @@ def test_async_saves_hold_one_step(tmp_path: Path) -> None:
         manager.step_done(step + 1)
     manager.finish(6)
     manager.close()
-    from distrib.checkpoint import CheckpointStore
-    from distrib.storage import open_storage
+    from distrib.checkpoint.storage import open_storage
+    from distrib.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(open_storage(str(tmp_path)))
     for info in store.scan():

@@ -10,8 +10,8 @@ from typing import Iterator
 
 import pytest
 
-from distrib.checkpoint import CheckpointStore, step_dir
-from distrib.storage import open_storage
+from distrib.checkpoint.storage import open_storage
+from distrib.checkpoint.store import CheckpointStore, step_dir
 
 from .ckpt_helpers import assert_same, training_state
 from .conftest import REPO, base_env, run_cli, torchrun

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from distrib.early_stopping import EarlyStopping
-from distrib.records import RunRecords, read_history, read_segments
+from distrib.checkpoint.storage import open_storage
+from distrib.records.events import RunRecords, read_history, read_segments
 from distrib.report import main as report_main
 from distrib.report import summarize
-from distrib.storage import open_storage
 from distrib.train import main as train_main
+from distrib.training.early_stopping import EarlyStopping
 
 from .conftest import REPO, base_env, run_cli
 from .s3servers import s3_env
@@ -123,7 +123,7 @@ def test_write_failures_are_warnings_not_errors(moto_endpoint: str, caplog: pyte
         monkeypatch.setenv(key, value)
     records = RunRecords.open("s3://no-such-bucket-for-records/logs", {}, rank=0,
                               tensorboard=False, samples_per_step=32)
-    with caplog.at_level(logging.WARNING, logger="distrib.records"):
+    with caplog.at_level(logging.WARNING, logger="distrib.records.events"):
         records.start(step=0, epoch=0, world_size=1, restart=False, resumed_from=None)
         records.step(1, 0, train_loss=float("nan"), lr=0.1, grad_norm=None)
         records.end("finished", step=1, epoch=1)

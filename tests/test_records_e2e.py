@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from distrib.records import read_history
-from distrib.storage import open_storage
+from distrib.checkpoint.storage import open_storage
+from distrib.records.events import read_history
 
 from .conftest import REPO, run_cli
 from .test_records import png_size

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from distrib import Config, Trainer
-from distrib.checkpoint import CheckpointError, CheckpointStore
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import CheckpointError, CheckpointStore
 from distrib.launch import split_args, worker_code
-from distrib.preemption import PreemptionHandler, shutdown_budget_problems, torchrun_env_problem
-from distrib.storage import LocalStorage
+from distrib.runtime.preemption import PreemptionHandler, shutdown_budget_problems, torchrun_env_problem
 
 from .conftest import REPO, base_env
 

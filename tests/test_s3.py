@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrib.checkpoint import CheckpointStore
-from distrib.storage import open_storage
+from distrib.checkpoint.storage import open_storage
+from distrib.checkpoint.store import CheckpointStore
 
 from .conftest import REPO, base_env, run_cli, torchrun
 from .s3servers import KEY, SECRET, make_bucket, s3_env

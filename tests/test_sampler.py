@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
 
-from distrib.sampler import ResumableSampler
+from distrib.training.sampler import ResumableSampler
 
 
 @given(n=st.integers(0, 200), world=st.integers(1, 8), seed=st.integers(0, 5),

@@ -14,8 +14,8 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from distrib import Callback, Config, Trainer
-from distrib.checkpoint import CheckpointStore, SaveFailedError
-from distrib.storage import open_storage
+from distrib.checkpoint.storage import open_storage
+from distrib.checkpoint.store import CheckpointStore, SaveFailedError
 
 
 class FlakyFS(MemoryFileSystem):

@@ -1,5 +1,5 @@
 """The storage contract, run against every backend: local disk, ``memory://``, S3 (moto) and a
-scheme registered with :func:`distrib.storage.register_storage` that is not an fsspec file
+scheme registered with :func:`distrib.checkpoint.storage.register_storage` that is not an fsspec file
 system at all. The checkpoint store then works on the registered one too."""
 
 from __future__ import annotations
@@ -11,8 +11,15 @@ from typing import Any, Mapping, Sequence
 
 import pytest
 
-from distrib.checkpoint import CheckpointStore
-from distrib.storage import Buffer, Storage, StorageError, check_rel, open_storage, register_storage
+from distrib.checkpoint.storage import (
+    Buffer,
+    Storage,
+    StorageError,
+    check_rel,
+    open_storage,
+    register_storage,
+)
+from distrib.checkpoint.store import CheckpointStore
 
 from .ckpt_helpers import assert_same, training_state
 from .storage_contract import StorageContract

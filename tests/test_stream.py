@@ -15,7 +15,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from distrib import Callback, Config, Trainer
-from distrib.data import (
+from distrib.checkpoint.format import InvalidCheckpoint
+from distrib.checkpoint.serialization import flatten_state, unflatten_state
+from distrib.checkpoint.storage import LocalStorage
+from distrib.train import main as train_main
+from distrib.training.data import (
     StreamShard,
     TrainStream,
     checkpointable,
@@ -23,10 +27,6 @@ from distrib.data import (
     stateful_loader,
     stream_steps,
 )
-from distrib.format import InvalidCheckpoint
-from distrib.serialization import flatten_state, unflatten_state
-from distrib.storage import LocalStorage
-from distrib.train import main as train_main
 
 from . import tasks
 from .ckpt_helpers import assert_same

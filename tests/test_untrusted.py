@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from distrib import Callback, Config, Trainer
-from distrib.checkpoint import CheckpointStore
+from distrib.checkpoint.storage import FsspecStorage, LocalStorage, Storage, open_storage
+from distrib.checkpoint.store import CheckpointStore
 from distrib.ckpt import main as ckpt_main
-from distrib.storage import FsspecStorage, LocalStorage, Storage, open_storage
 
 from .conftest import launch_ranks
 from .s3servers import s3_env

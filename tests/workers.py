@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
-from distrib import Callback, Config, Trainer, dist  # noqa: E402
-from distrib.sampler import ResumableSampler  # noqa: E402
+from distrib import Callback, Config, Trainer
+from distrib.runtime import dist  # noqa: E402
 from distrib.tasks import build_task  # noqa: E402
+from distrib.training.sampler import ResumableSampler  # noqa: E402
 
 
 class CommHookCounter(Callback):
@@ -167,7 +168,7 @@ def scenario_resume_each(out_dir: Path, args: dict[str, Any]) -> None:
     outside the directory."""
     import os
 
-    from distrib.storage import FsspecStorage, LocalStorage, open_storage
+    from distrib.checkpoint.storage import FsspecStorage, LocalStorage, open_storage
 
     os.environ.update(args.get("env") or {})
     resolved: list[str] = []

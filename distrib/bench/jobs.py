@@ -21,8 +21,8 @@ from typing import Any
 import distrib
 from distrib.bench.core import MB, Figure, Settings, figure, interleave
 from distrib.bench.tasks import state_args
-from distrib.checkpoint import CheckpointStore
-from distrib.storage import LocalStorage
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import CheckpointStore
 
 RANKS = 2
 FIRST_STEP = "first optimizer step done"

@@ -19,9 +19,9 @@ from torch import nn
 
 from distrib.bench.core import MB, Figure, Settings, figure, fsync_write, interleave, timed
 from distrib.bench.tasks import layer_plan
-from distrib.checkpoint import CheckpointStore
-from distrib.checkpointer import Checkpointer
-from distrib.storage import LocalStorage
+from distrib.checkpoint.checkpointer import Checkpointer
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import CheckpointStore
 
 
 class TrainingState:

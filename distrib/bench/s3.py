@@ -18,8 +18,8 @@ from typing import Any
 
 from distrib.bench.core import MB, Figure, Settings, figure, fsync_write, interleave, timed
 from distrib.bench.local import TrainingState
-from distrib.checkpoint import CheckpointStore
-from distrib.storage import open_storage
+from distrib.checkpoint.storage import open_storage
+from distrib.checkpoint.store import CheckpointStore
 
 KEY, SECRET = "distrib-bench-key", "distrib-bench-secret"
 

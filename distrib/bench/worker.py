@@ -28,8 +28,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from distrib import Callback, Config, Trainer, dist
-from distrib.manager import CheckpointManager
+from distrib import Callback, Config, Trainer
+from distrib.checkpoint.manager import CheckpointManager
+from distrib.runtime import dist
 from distrib.tasks import Task, build_task
 
 Stamps = list[tuple[int, float]]  # (epoch, time an optimizer step ended)

@@ -41,7 +41,7 @@ class Task:
     Attributes:
         model: the module to train (on CPU; the trainer moves it to the rank's device).
         train_dataset: dataset of ``(input, target)`` pairs: map-style, or a stream (an
-            ``IterableDataset``; see :mod:`distrib.data` for how ranks and workers share it).
+            ``IterableDataset``; see :mod:`distrib.training.data` for how ranks and workers share it).
         val_dataset: the same for validation, or None to skip validation.
         loss_fn: ``loss_fn(output, target)`` -> scalar mean loss over the batch.
         metrics: extra validation metrics, name -> per-sample values (see module docstring).

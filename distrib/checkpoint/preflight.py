@@ -14,8 +14,8 @@ import importlib.util
 import re
 from typing import Any
 
+from distrib.checkpoint.storage import StorageError, check_url, open_storage, parse_options
 from distrib.config import Config, ConfigError
-from distrib.storage import StorageError, check_url, open_storage, parse_options
 
 
 def check_locations(config: Config) -> None:

@@ -1,4 +1,4 @@
-"""The checkpoint layout and commit protocol on a :class:`~distrib.storage.Storage`.
+"""The checkpoint layout and commit protocol on a :class:`~distrib.checkpoint.storage.Storage`.
 
 ::
 
@@ -16,13 +16,13 @@ writers racing for the same step exactly one wins; the loser removes only its ow
 anything committed.
 
 Reading: :meth:`CheckpointStore.scan` classifies every step directory as ``valid`` (the manifest
-passes :meth:`distrib.format.Manifest.parse` and every listed file exists with its listed size),
+passes :meth:`distrib.checkpoint.format.Manifest.parse` and every listed file exists with its listed size),
 ``incomplete`` (no manifest: never committed, or being written) or ``invalid`` (a manifest exists
 but breaks the format, a file is missing or of the wrong size, or a path is a symbolic link).
 :meth:`CheckpointStore.read` also checks the state file's tensor index against the manifest and
 every file's xxh3-128 checksum, and raises :class:`CorruptCheckpoint` on any violation. Everything
-read is untrusted (see :mod:`distrib.format`); nothing outside the root is ever opened, sized or
-deleted (see :mod:`distrib.storage`). This module is rank-agnostic: the caller decides who writes.
+read is untrusted (see :mod:`distrib.checkpoint.format`); nothing outside the root is ever opened, sized or
+deleted (see :mod:`distrib.checkpoint.storage`). This module is rank-agnostic: the caller decides who writes.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Callable, Literal, Mapping
 import torch
 import xxhash
 
-from distrib.format import (
+from distrib.checkpoint.format import (
     MAX_MANIFEST_BYTES,
     MAX_MARKER_BYTES,
     MAX_STATE_BYTES,
@@ -51,7 +51,7 @@ from distrib.format import (
     StateIndex,
     parse_marker,
 )
-from distrib.serialization import (
+from distrib.checkpoint.serialization import (
     ByteSource,
     Layout,
     TensorSink,
@@ -61,7 +61,7 @@ from distrib.serialization import (
     tensor_indices,
     unflatten_state,
 )
-from distrib.storage import Storage, StorageError, UnsafePath
+from distrib.checkpoint.storage import Storage, StorageError, UnsafePath
 
 log = logging.getLogger(__name__)
 

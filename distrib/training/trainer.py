@@ -17,18 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset
 
-from distrib import dist, trainstate
+from distrib.checkpoint.manager import CheckpointManager
+from distrib.checkpoint.preflight import check_locations
+from distrib.checkpoint.storage import parse_options
 from distrib.config import Config, ConfigError, resume_differences
-from distrib.data import StreamShard, TrainStream, check_data, is_stream, stateful_loader
-from distrib.early_stopping import EarlyStopping
-from distrib.logs import Progress, progress_enabled
-from distrib.manager import CheckpointManager
-from distrib.optim import build_optimizer, build_scheduler, current_lr
-from distrib.preemption import (
+from distrib.records.events import RunRecords, default_log_dir
+from distrib.runtime import dist
+from distrib.runtime.logs import Progress, progress_enabled
+from distrib.runtime.preemption import (
     Preempted,
     PreemptionHandler,
     detach_worker_process,
@@ -36,13 +35,14 @@ from distrib.preemption import (
     torchrun_env_problem,
     worker_context,
 )
-from distrib.preflight import check_locations
-from distrib.records import RunRecords, default_log_dir
-from distrib.sampler import ResumableSampler
-from distrib.state import derive_seed, seed_everything, seed_worker
-from distrib.storage import parse_options
-from distrib.strategy import DDPStrategy, unwrap
+from distrib.runtime.rng import derive_seed, seed_everything, seed_worker
+from distrib.runtime.strategy import DDPStrategy, Strategy
 from distrib.tasks import Task, TaskBuilder, build_task
+from distrib.training import trainstate
+from distrib.training.data import StreamShard, TrainStream, check_data, is_stream, stateful_loader
+from distrib.training.early_stopping import EarlyStopping
+from distrib.training.optim import build_optimizer, build_scheduler, current_lr
+from distrib.training.sampler import ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,10 @@ class Trainer:
     environment if none exists (and destroys it again on return, also on error).
     """
 
-    model: torch.nn.Module  # what trains: the module, DDP-wrapped when there are ranks
+    model: torch.nn.Module  # what trains: the module as the strategy wrapped it
+    #: how the model is wrapped, synchronised, clipped and saved, and who writes (DDP); the
+    #: checkpoint manager gets the same object
+    strategy: Strategy
     #: the checkpoint manager the trainer builds (a subclass may time or extend it)
     manager_class: type[CheckpointManager] = CheckpointManager
 
@@ -130,6 +133,7 @@ class Trainer:
         self._loss_count = 0
         self._grad_norm: torch.Tensor | None = None
         self.records = RunRecords()  # disabled until _fit opens them (rank 0)
+        self.strategy = DDPStrategy()
 
     # ================================================================== set-up
 
@@ -210,11 +214,9 @@ class Trainer:
     def _build_model(self, task: Task) -> None:
         self.device = self.info.device
         self.module = task.model.to(self.device)
-        self.raw_module = unwrap(self.module)  # state dicts without torch.compile's prefixes
-        self.model = self.module
-        if dist.world_size() > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.module, device_ids=ids)
+        # state dicts without torch.compile's prefixes
+        self.raw_module = self.strategy.unwrap(self.module)
+        self.model = self.strategy.wrap(self.module, self.device)
         ds = self.config.train
         self.stream: TrainStream | None = None
         if is_stream(task.train_dataset):
@@ -272,7 +274,7 @@ class Trainer:
             check_config=lambda saved: resume_differences(saved, cfg),
             allow_config_change=c.allow_config_change,
             log_dir=default_log_dir(c.checkpoint_dir, cfg.log.log_dir),
-            tensorboard=cfg.log.tensorboard, strategy=DDPStrategy(),
+            tensorboard=cfg.log.tensorboard, strategy=self.strategy,
             storage_options=self.storage_options,
             samples_per_step=cfg.train.batch_size * dist.world_size()
             * cfg.train.grad_accum_steps,
@@ -329,7 +331,7 @@ class Trainer:
                 ) -> DataLoader[Any]:
         """A loader whose worker seeds derive from (seed, purpose, epoch, rank) and which never
         draws from the global RNG (so dropout streams are the same with or without resume).
-        Without a sampler, ``dataset`` is a :class:`~distrib.data.StreamShard`; training reads
+        Without a sampler, ``dataset`` is a :class:`~distrib.training.data.StreamShard`; training reads
         it through a StatefulDataLoader (its state is the data position)."""
         t = self.config.train
         gen = torch.Generator().manual_seed(derive_seed(t.seed, purpose, self.epoch, dist.rank()))
@@ -385,7 +387,7 @@ class Trainer:
 
     def _run_stream_epoch(self, stream: TrainStream) -> None:
         """An epoch of a stream: optimizer steps while every rank has a full group of
-        micro-batches (see :mod:`distrib.data`)."""
+        micro-batches (see :mod:`distrib.training.data`)."""
         cfg = self.config
         progress = Progress(progress_enabled(cfg.log.progress, dist.rank()))
         self.model.train()
@@ -415,8 +417,7 @@ class Trainer:
 
     def _micro_step(self, inputs: Any, target: Any, *, sync: bool, scale: float) -> int:
         inputs, target = _to(inputs, self.device), _to(target, self.device)
-        no_sync = isinstance(self.model, DDP) and not sync
-        with self.model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+        with self.strategy.no_sync(self.model, skip=not sync):
             with self._autocast():
                 loss = self.task.loss_fn(self._forward(self.model, inputs), target)  # type: ignore[union-attr]
             scaled = loss * scale
@@ -433,7 +434,7 @@ class Trainer:
         if self.scaler is not None and (t.clip_grad_norm or t.clip_grad_value):
             self.scaler.unscale_(self.optimizer)
         if t.clip_grad_norm:
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+            self._grad_norm = self.strategy.clip_grad_norm(params, t.clip_grad_norm)
         elif self.records.enabled and self._logged(self.global_step + 1):
             self._grad_norm = self._total_grad_norm(params, unscaled=bool(t.clip_grad_value))
         if t.clip_grad_value:

@@ -15,7 +15,7 @@ trainer agrees on across ranks at the next step boundary and turns into an error
 commits resets the count; trouble after the commit (retention, listing) is only a warning.
 
 Start-up (:meth:`Checkpointer.plan_start`): rank 0 takes the directory's lease (see
-:mod:`distrib.lease`), then tries the committed checkpoints newest first. Each must be valid on
+:mod:`distrib.checkpoint.lease`), then tries the committed checkpoints newest first. Each must be valid on
 storage, read back with every checksum and the tensor layout verified, and pass the caller's
 ``check_state`` (the loaded state fits the live model and optimizer); the first that does is
 used, every one skipped is named. The configuration it was saved with is compared with this
@@ -33,8 +33,11 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 
-from distrib import dist
-from distrib.checkpoint import (
+from distrib.checkpoint.format import InvalidCheckpoint, Meta
+from distrib.checkpoint.lease import Lease, LeaseHeld
+from distrib.checkpoint.serialization import ByteSource, FlatBuffer, TensorSource, flatten_state, plan_layout
+from distrib.checkpoint.storage import open_storage
+from distrib.checkpoint.store import (
     CheckpointError,
     CheckpointInfo,
     CheckpointStore,
@@ -42,10 +45,7 @@ from distrib.checkpoint import (
     LoadedCheckpoint,
     step_dir,
 )
-from distrib.format import InvalidCheckpoint, Meta
-from distrib.lease import Lease, LeaseHeld
-from distrib.serialization import ByteSource, FlatBuffer, TensorSource, flatten_state, plan_layout
-from distrib.storage import open_storage
+from distrib.runtime import dist
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Checkpointer:
         store: where the checkpoints live.
         rank: this process's rank (0 writes).
         check_state: called on rank 0 with a loaded state before it is used; raises
-            :class:`~distrib.format.InvalidCheckpoint` if the state does not fit (the checkpoint
+            :class:`~distrib.checkpoint.format.InvalidCheckpoint` if the state does not fit (the checkpoint
             is then skipped like a damaged one).
         check_config: compares a checkpoint's saved configuration with this run's.
         allow_config_change: resume even if ``check_config`` finds options that must match.

@@ -1,7 +1,7 @@
 """Streams: training and validating on a ``torch.utils.data.IterableDataset``.
 
 Map-style datasets are not handled here: the trainer reads them through a
-:class:`~distrib.sampler.ResumableSampler`, exactly as before streams existed.
+:class:`~distrib.training.sampler.ResumableSampler`, exactly as before streams existed.
 
 **Sharding.** Every data-loader worker of every rank is one *reader*: with ``W = max(1,
 num_workers)`` workers per rank and ``k = world_size x W`` readers, reader ``j = rank x W +
@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distrib import dist
+from distrib.checkpoint.format import InvalidCheckpoint
+from distrib.checkpoint.statecheck import check_like, check_number
 from distrib.config import Config, ConfigError
-from distrib.format import InvalidCheckpoint
-from distrib.statecheck import check_like, check_number
+from distrib.runtime import dist
 
 if TYPE_CHECKING:
     from distrib.tasks import Task

@@ -1,10 +1,10 @@
 """Check a loaded state against the live objects it is about to be loaded into.
 
-A checkpoint can pass every format check (:mod:`distrib.format`) and still not fit: another
+A checkpoint can pass every format check (:mod:`distrib.checkpoint.format`) and still not fit: another
 model, another optimizer, a hand-edited state file with consistent checksums. Loading such a state
 would fail half-way through (``load_state_dict`` copies what matches, then raises) or, worse, inject
 values of the wrong kind. These checks run before anything changes; each raises
-:class:`~distrib.format.InvalidCheckpoint` with a one-line reason, so the checkpoint is skipped
+:class:`~distrib.checkpoint.format.InvalidCheckpoint` with a one-line reason, so the checkpoint is skipped
 like a damaged one and the next older one is tried.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from distrib.format import InvalidCheckpoint
+from distrib.checkpoint.format import InvalidCheckpoint
 
 
 def _fail(what: str, why: str) -> InvalidCheckpoint:
@@ -107,7 +107,7 @@ def check_optimizer(saved: Any, optimizer: torch.optim.Optimizer, what: str = "o
 
 
 def check_rng(saved: Any, what: str = "rng") -> None:
-    """``saved`` is a :func:`distrib.state.capture_rng` result that restores cleanly (tried on
+    """``saved`` is a :func:`distrib.runtime.rng.capture_rng` result that restores cleanly (tried on
     scratch generators, so the process's own streams are untouched)."""
     try:
         if not isinstance(saved, Mapping):

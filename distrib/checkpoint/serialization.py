@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from distrib.format import ALIGN, DTYPES, MAX_DEPTH, InvalidCheckpoint, TensorEntry, check_depth
+from distrib.checkpoint.format import ALIGN, DTYPES, MAX_DEPTH, InvalidCheckpoint, TensorEntry, check_depth
 
 _TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__")
 
@@ -115,7 +115,7 @@ def plan_layout(tensors: list[torch.Tensor]) -> Layout:
 
 
 def _dtype(name: str) -> torch.dtype:
-    """The torch dtype of an allow-listed name (:data:`distrib.format.DTYPES`)."""
+    """The torch dtype of an allow-listed name (:data:`distrib.checkpoint.format.DTYPES`)."""
     dtype = getattr(torch, name, None) if name in DTYPES else None
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"tensor dtype {name!r} is not allowed in a checkpoint")

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from distrib.records import History  # noqa: E402
+from distrib.records.events import History  # noqa: E402
 
 if TYPE_CHECKING:
     from distrib.report import Summary

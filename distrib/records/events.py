@@ -40,8 +40,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from distrib.format import InvalidCheckpoint, load_json
-from distrib.storage import Storage, open_storage
+from distrib.checkpoint.format import InvalidCheckpoint, load_json
+from distrib.checkpoint.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ class RunRecords:
     def checkpoint(self, step: int, seconds: float, nbytes: int,
                    error: BaseException | None) -> None:
         """A save finished: committed (``error`` None) or failed. Called where the
-        :class:`~distrib.checkpointer.Checkpointer` observes the commit."""
+        :class:`~distrib.checkpoint.checkpointer.Checkpointer` observes the commit."""
         if self.storage is None:
             return
         self._write({"kind": "checkpoint", "step": step, "seconds": seconds, "bytes": nbytes,

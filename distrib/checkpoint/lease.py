@@ -33,8 +33,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from distrib.format import MAX_MARKER_BYTES, InvalidCheckpoint, parse_marker
-from distrib.storage import Storage, UnsafePath
+from distrib.checkpoint.format import MAX_MARKER_BYTES, InvalidCheckpoint, parse_marker
+from distrib.checkpoint.storage import Storage, UnsafePath
 
 log = logging.getLogger(__name__)
 

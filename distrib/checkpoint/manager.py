@@ -22,7 +22,7 @@ in the same order) except :meth:`fence` and the properties.
 * **Resume.** The newest committed checkpoint that verifies *and fits* every registered object
   (keys, shapes, dtypes, optimizer groups, a restorable RNG) is loaded into them; every one
   skipped is named. A checkpoint directory that holds checkpoints none of which can be used is a
-  :class:`~distrib.checkpoint.CheckpointError`, never a silent fresh start.
+  :class:`~distrib.checkpoint.store.CheckpointError`, never a silent fresh start.
 * **Asynchronous saves without a fence to forget.** Parameters of the registered optimizers and
   their state are copied in the background while the next forward and backward passes run; the
   manager hooks each registered optimizer's ``step()`` so that it waits for that copy first.
@@ -31,7 +31,7 @@ in the same order) except :meth:`fence` and the properties.
   ``handle_signals=False`` leaves signals to you, then call :meth:`request_stop`). The ranks agree
   on the flag within about half a second without a per-step collective, write an emergency
   checkpoint of the last completed step, and :meth:`step_done` raises
-  :class:`~distrib.preemption.Preempted` on every rank (``exit_code`` turns it into 75).
+  :class:`~distrib.runtime.preemption.Preempted` on every rank (``exit_code`` turns it into 75).
 * **Saves that keep failing** end the job (``max_failed_saves`` in a row: SaveFailedError on every
   rank); trouble after a commit is a warning. The directory is leased to one run at a time.
 * **Finished runs.** :meth:`finish` writes the final checkpoint and ``COMPLETE``; a relaunch then
@@ -51,17 +51,17 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from distrib import dist
-from distrib.checkpoint import CheckpointError, CheckpointStore, SaveFailedError
-from distrib.checkpointer import Checkpointer, ConfigCheck, StartPlan, replay_note
-from distrib.format import InvalidCheckpoint, Meta, Metric
-from distrib.lease import Lease, run_identity
-from distrib.preemption import Preempted, PreemptionHandler, shutdown_budget_problems
-from distrib.records import RunRecords, default_log_dir
-from distrib.state import capture_rng, restore_rng
-from distrib.statecheck import check_like, check_optimizer, check_rng
-from distrib.storage import open_storage, parse_options
-from distrib.strategy import DDPStrategy, Strategy
+from distrib.checkpoint.checkpointer import Checkpointer, ConfigCheck, StartPlan, replay_note
+from distrib.checkpoint.format import InvalidCheckpoint, Meta, Metric
+from distrib.checkpoint.lease import Lease, run_identity
+from distrib.checkpoint.statecheck import check_like, check_optimizer, check_rng
+from distrib.checkpoint.storage import open_storage, parse_options
+from distrib.checkpoint.store import CheckpointError, CheckpointStore, SaveFailedError
+from distrib.records.events import RunRecords, default_log_dir
+from distrib.runtime import dist
+from distrib.runtime.preemption import Preempted, PreemptionHandler, shutdown_budget_problems
+from distrib.runtime.rng import capture_rng, restore_rng
+from distrib.runtime.strategy import DDPStrategy, Strategy
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, ContextManager, Protocol
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distrib import dist
+from distrib.runtime import dist
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

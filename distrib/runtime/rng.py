@@ -4,7 +4,7 @@
   collide (``seed + rank`` would make rank 1 of seed 0 equal rank 0 of seed 1).
 * :func:`capture_rng` / :func:`restore_rng` cover torch (CPU and every CUDA device), numpy's global
   generator and Python's ``random``; the result contains only tensors, numbers and tuples, so it
-  round-trips through :mod:`distrib.serialization` without pickle.
+  round-trips through :mod:`distrib.checkpoint.serialization` without pickle.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Trainer's own state as objects the :class:`~distrib.manager.CheckpointManager` saves like
+"""The Trainer's own state as objects the :class:`~distrib.checkpoint.manager.CheckpointManager` saves like
 any other: each has ``state_dict()``/``load_state_dict()`` and checks what a checkpoint holds
 before anything is loaded (``check_state_dict``; per-rank ones ``check_rank_states`` and
 ``load_rank_states``, which see every rank's entry at once).
@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from distrib import dist
-from distrib.format import InvalidCheckpoint
-from distrib.statecheck import check_like, check_number
+from distrib.checkpoint.format import InvalidCheckpoint
+from distrib.checkpoint.statecheck import check_like, check_number
+from distrib.runtime import dist
 
 if TYPE_CHECKING:
-    from distrib.trainer import Trainer
+    from distrib.training.trainer import Trainer
 
 
 class MaybeAbsent:
@@ -145,7 +145,7 @@ class TrainLoss:
 
 
 class StreamPosition:
-    """Per rank: a stream's data position (see :class:`distrib.data.TrainStream`)."""
+    """Per rank: a stream's data position (see :class:`distrib.training.data.TrainStream`)."""
 
     def __init__(self, trainer: Trainer, progress: Progress) -> None:
         self.trainer, self.progress = trainer, progress

@@ -1,0 +1,2 @@
+"""Run records (:mod:`.events`: JSON lines rank 0 writes, anyone reads back) and the report's
+picture (:mod:`.plot`)."""
