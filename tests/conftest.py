@@ -36,9 +36,43 @@ chaos = _load_chaos()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port for a server a test starts, never handed out twice in one session.
+
+    Not ``bind(0)``-and-close: the kernel hands such a port out again to anything asking for an
+    ephemeral one (an outgoing connection, another test's server), and a server started a
+    moment later then fails with "address in use". These come from below the kernel's
+    ephemeral range (32768-60999 by default), from a block of 1000 per pytest-xdist worker, and
+    each is checked to be bindable first.
+    """
+    global _ports
+    if _ports is None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        index = int(worker[2:]) if worker[2:].isdigit() else 0
+        # a session's own offset: two suites running at once on one machine rarely meet
+        _ports = _PortBlock(20000 + 2000 * (index % 6) + os.getpid() % 1000)
+    return next(_ports)
+
+
+class _PortBlock:
+    def __init__(self, start: int) -> None:
+        self.next, self.end = start, start + 1000
+
+    def __iter__(self) -> "_PortBlock":
+        return self
+
+    def __next__(self) -> int:
+        while self.next < self.end:
+            port, self.next = self.next, self.next + 1
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # in use by something outside the tests
+                return port
+        raise RuntimeError("no free loopback port left in this worker's block")
+
+
+_ports: _PortBlock | None = None
 
 
 def base_env(**extra: str) -> dict[str, str]:
