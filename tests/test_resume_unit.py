@@ -112,3 +112,22 @@ def test_a_notice_in_a_new_workers_first_moments(context: str) -> None:
         assert report == {"items": 64, "notice": True}, out.stderr[-2000:]
     else:
         assert "exited unexpectedly" in report["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["distrib", "plain"])
+def test_a_worker_deadlocked_in_fork_is_started_again(context: str) -> None:
+    """A data-loader worker that never gets out of ``os.fork()`` (CPython before 3.12 can
+    deadlock there when another thread of the rank starts or ends at that moment; seen as a
+    300 s hang in CI): distrib's worker context kills it after its start timeout and forks it
+    again, and the loader reads everything. Started the plain way, the loader waits for that
+    worker until its own timeout (forever without one)."""
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "fork_deadlock.py")] +
+                         ([] if context == "distrib" else ["plain"]), cwd=REPO, env=base_env(),
+                         capture_output=True, text=True, timeout=120)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    if context == "distrib":
+        assert report == {"items": 64}, out.stderr[-2000:]
+        assert "did not start within 1s" in out.stderr
+    else:
+        assert "timed out" in report["error"]

@@ -251,7 +251,7 @@ def _interrupted(tmp_path: Path, cases: list[list[str]], world: int, raise_at: i
                  **extra: Any) -> tuple[list[dict[str, Any]], str]:
     results = launch_ranks("interrupted", tmp_path / "out",
                            {"cases": cases, "raise_at": raise_at, **extra}, world_size=world,
-                           timeout=300)
+                           timeout=240)
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
     return results[0].output["cases"], results[0].stderr

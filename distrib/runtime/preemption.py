@@ -10,15 +10,20 @@ step boundaries, agrees on it across ranks, writes an emergency checkpoint and e
 from __future__ import annotations
 
 import copy
+import logging
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.process
 import os
+import select
 import signal
 import threading
 import time
 from collections.abc import Iterable
 from types import FrameType
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -96,26 +101,82 @@ def detach_worker_process() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)
 
 
+#: how long a forked data-loader worker may take to reach its first Python line before it is
+#: taken for deadlocked (see :func:`worker_context`) and started again
+WORKER_START_TIMEOUT_S = 5.0
+_START_ATTEMPTS = 4
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """The default multiprocessing context, except that a process starts with the preemption
-    signals blocked (see :func:`detach_worker_process`, which its ``worker_init_fn`` must call).
+    signals blocked (see :func:`detach_worker_process`, which its ``worker_init_fn`` must call),
+    and a forked process that never starts is started again.
 
-    Without it, a SIGTERM to the rank's process group that lands between a worker's fork and its
-    ``worker_init_fn`` kills the worker (validation loaders start new workers at every
+    Without the first, a SIGTERM to the rank's process group that lands between a worker's fork
+    and its ``worker_init_fn`` kills the worker (validation loaders start new workers at every
     evaluation). The rank blocks the signals only while it starts the process: one that arrives
     meanwhile is delivered to the rank when they are unblocked, not lost.
+
+    The second: on CPython before 3.12, a fork while another thread of the rank is starting or
+    ending (a background checkpoint or records writer) can leave the child deadlocked inside
+    ``os.fork()`` on the interpreter's thread-list lock (python/cpython#112275): the worker
+    never runs and the rank waits for it forever (seen once in CI as a 300 s hang). So with the
+    ``fork`` start method each worker reports through a pipe that it reached Python code; one
+    that has not after :data:`WORKER_START_TIMEOUT_S` is SIGKILLed and forked again.
     """
     base = multiprocessing.get_context()
     if not hasattr(signal, "pthread_sigmask"):
         return base
+    forking = base.get_start_method() == "fork"
 
     class Process(base.Process):  # type: ignore[name-defined, misc]
+        _started_fds: tuple[int, int] | None = None
+
         def start(self) -> None:
             held = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
             try:
-                super().start()
+                if not forking:
+                    super().start()
+                    return
+                for attempt in range(1, _START_ATTEMPTS + 1):
+                    if self._start_and_confirm(last=attempt == _START_ATTEMPTS):
+                        return
+                    log.warning("a data-loader worker did not start within %.0fs (a fork "
+                                "deadlock, python/cpython#112275); starting it again",
+                                WORKER_START_TIMEOUT_S)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+        def _start_and_confirm(self, last: bool) -> bool:
+            read, write = os.pipe()
+            self._started_fds = (read, write)
+            call = vars(self).get("_target"), vars(self).get("_args"), vars(self).get("_kwargs")
+            try:
+                super().start()  # which drops the target and arguments
+            finally:
+                os.close(write)
+            try:
+                ready, _, _ = select.select([read], [], [], None if last
+                                            else WORKER_START_TIMEOUT_S)
+            finally:
+                os.close(read)
+            if ready:
+                return True
+            popen: Any = getattr(self, "_popen")  # noqa: B009  (typeshed leaves it untyped)
+            popen.kill()  # never reached Python code: nothing of it to clean up
+            popen.wait()
+            self._popen = None  # multiprocessing allows start() once per object: undo it
+            self._target, self._args, self._kwargs = call
+            multiprocessing.process._children.discard(self)  # type: ignore[attr-defined]
+            return False
+
+        def run(self) -> None:
+            if self._started_fds is not None:  # the child: tell the rank it is alive
+                read, write = self._started_fds
+                os.close(read)
+                os.write(write, b"1")
+                os.close(write)
+            super().run()
 
     context: Any = copy.copy(base)  # the default kind (fork, spawn ...), with this Process
     context.Process = Process
