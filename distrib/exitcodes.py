@@ -23,7 +23,6 @@ A script that drives :class:`distrib.Trainer` itself gets the same codes with on
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -44,14 +43,12 @@ def exit_code(main: Callable[[], object], prog: str | None = None) -> int:
     A :class:`~distrib.ConfigError` is printed as one line (``prog: error: ...``) and gives 2,
     as does a checkpoint error that retrying cannot fix; a preemption gives 75; save failures
     and any other exception give 1 (the unexpected ones with their traceback in the log).
-    Call it on every rank: ``sys.exit(distrib.exit_code(main))``.
+    Call it on every rank: ``sys.exit(distrib.exit_code(main))``. In a job of more than one
+    rank (``WORLD_SIZE`` > 1) it does not return: it flushes logging and the standard streams
+    and ends the process with that code (``os._exit``, as ``python -m distrib.train`` does), so
+    ``atexit`` handlers do not run there.
     """
     code = _run(main, prog or os.path.basename(sys.argv[0] or "python"))
-    # What main() left in reference cycles is freed now, while the interpreter is whole: a DDP
-    # module is such a cycle and holds the process group, whose gloo threads, met only by
-    # interpreter finalization, abort the process ("terminate called without an active
-    # exception", exit -6) in about 1 of 10 two-rank runs of examples/own_loop.py.
-    gc.collect()
     status_dir = os.environ.get("DISTRIB_STATUS_DIR")
     if status_dir:
         try:
@@ -59,7 +56,23 @@ def exit_code(main: Callable[[], object], prog: str | None = None) -> int:
                 fh.write(str(code))
         except OSError:
             pass  # the launcher then falls back to torchrun's own exit code
+    if _world_size() > 1:
+        # A DDP module sits in reference cycles and holds the process group, so a script's
+        # group outlives main() (destroy_process_group() or not); its gloo threads then meet
+        # interpreter finalization and abort the process ("terminate called without an active
+        # exception", exit -6; 1 in 6 to 10 two-rank runs of examples/own_loop.py), and a
+        # gc.collect() here instead can deadlock in the group's destructor. Everything that
+        # matters is committed and the status written: leave as the command line does.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
+
+
+def _world_size() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    return int(raw) if raw.isdigit() else 1
 
 
 def _run(main: Callable[[], object], prog: str) -> int:

@@ -6,7 +6,6 @@ scenario writes what it observed to ``OUT_DIR/rank<R>.json`` (and tensors to ``.
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import sys
@@ -302,7 +301,5 @@ if __name__ == "__main__":
     from distrib import setup_logging
 
     setup_logging()  # log lines as the command line prints them (the tests read some)
-    if os.environ.get("DISTRIB_TEST_STACKS_AFTER"):  # a hang shows where (conftest.launch_ranks)
-        faulthandler.dump_traceback_later(float(os.environ["DISTRIB_TEST_STACKS_AFTER"]), exit=True)
     name, out, raw = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     SCENARIOS[name](out, json.loads(raw))
