@@ -43,10 +43,10 @@ def exit_code(main: Callable[[], object], prog: str | None = None) -> int:
     A :class:`~distrib.ConfigError` is printed as one line (``prog: error: ...``) and gives 2,
     as does a checkpoint error that retrying cannot fix; a preemption gives 75; save failures
     and any other exception give 1 (the unexpected ones with their traceback in the log).
-    Call it on every rank: ``sys.exit(distrib.exit_code(main))``. In a job of more than one
-    rank (``WORLD_SIZE`` > 1) it does not return: it flushes logging and the standard streams
-    and ends the process with that code (``os._exit``, as ``python -m distrib.train`` does), so
-    ``atexit`` handlers do not run there.
+    Call it on every rank: ``sys.exit(distrib.exit_code(main))``. In a torchrun (or
+    ``distrib.launch``) worker of a job of more than one rank it does not return: it flushes
+    logging and the standard streams and ends the process with that code (``os._exit``, as
+    ``python -m distrib.train`` does), so ``atexit`` handlers do not run there.
     """
     code = _run(main, prog or os.path.basename(sys.argv[0] or "python"))
     status_dir = os.environ.get("DISTRIB_STATUS_DIR")
@@ -56,7 +56,7 @@ def exit_code(main: Callable[[], object], prog: str | None = None) -> int:
                 fh.write(str(code))
         except OSError:
             pass  # the launcher then falls back to torchrun's own exit code
-    if _world_size() > 1:
+    if _world_size() > 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
         # A DDP module sits in reference cycles and holds the process group, so a script's
         # group outlives main() (destroy_process_group() or not); its gloo threads then meet
         # interpreter finalization and abort the process ("terminate called without an active
