@@ -63,11 +63,17 @@ def exit_code(main: Callable[[], object], prog: str | None = None) -> int:
         # exception", exit -6; 1 in 6 to 10 two-rank runs of examples/own_loop.py), and a
         # gc.collect() here instead can deadlock in the group's destructor. Everything that
         # matters is committed and the status written: leave as the command line does.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave(code)
     return code
+
+
+def leave(code: int) -> None:
+    """Flush logging and the standard streams, then end the process with ``code`` without
+    interpreter finalization (``os._exit``: ``atexit`` handlers do not run)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _world_size() -> int:

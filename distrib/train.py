@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 from typing import Sequence
 
 from distrib import exitcodes
@@ -77,10 +75,7 @@ def exit_now(code: int) -> None:
     one's cause is fixed in :func:`distrib.runtime.dist.setup`, and Python API runs, which exit normally,
     are tested for it (tests/test_distributed.py).
     """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exitcodes.leave(code)
 
 
 def cli() -> None:
