@@ -49,7 +49,8 @@ from distrib.runtime import dist
 
 log = logging.getLogger(__name__)
 
-PlanKind = Literal["fresh", "resume", "complete", "error"]
+#: "memory": resume from the memory tier's snapshot of step ``memory_step`` (no durable read)
+PlanKind = Literal["fresh", "resume", "memory", "complete", "error"]
 #: (saved configuration) -> (options that must match but differ, options that differ harmlessly)
 ConfigCheck = Callable[[Mapping[str, Any]], tuple[list[str], list[str]]]
 
@@ -99,6 +100,13 @@ class Checkpointer:
         allow_config_change: resume even if ``check_config`` finds options that must match.
         lease: this run's lease on the directory (taken at :meth:`plan_start`, released by
             :meth:`close`); None for no lease.
+        writer: whether this process writes (default: rank 0). The memory tier has one writer
+            per node.
+        gather: how every rank's per-rank state reaches the writers (default: gathered to rank
+            0; the memory tier all-gathers it, so that every node holds all of it).
+        slots: at most this many checkpoints on storage at any time, counting the one being
+            written: older ones are deleted before a write starts (the memory tier's two
+            alternating slots); None: retention by ``keep_last``/``keep_best`` after a commit.
     """
 
     def __init__(self, store: CheckpointStore, *, rank: int, async_save: bool = True,
@@ -107,8 +115,14 @@ class Checkpointer:
                  on_saved: Callable[[int, float, int, BaseException | None], None] | None = None,
                  check_state: Callable[[Any], None] | None = None,
                  check_config: ConfigCheck | None = None, allow_config_change: bool = False,
-                 lease: Lease | None = None) -> None:
+                 lease: Lease | None = None, writer: bool | None = None,
+                 gather: Callable[[Any], list[Any] | None] = dist.gather_objects,
+                 slots: int | None = None, label: str = "checkpoint") -> None:
         self.store = store
+        self.writer = rank == 0 if writer is None else writer
+        self.gather = gather
+        self.slots = slots
+        self.label = label
         #: rank 0, training thread: called with (step, seconds, bytes, error or None) once a
         #: save is known to have committed or failed (the run records listen here)
         self.on_saved = on_saved
@@ -161,9 +175,9 @@ class Checkpointer:
         (parameters and optimizer state do, until the next optimizer step): an asynchronous save
         copies those in the background, overlapping the next forward and backward passes.
         """
-        gathered = dist.gather_objects(per_rank)
+        gathered = self.gather(per_rank)
         self.last_saved_step = step  # known on every rank: decisions built on it stay symmetric
-        if self.rank != 0:
+        if not self.writer:
             return
         started = time.perf_counter()
         self._join(waiting_for=step)
@@ -207,6 +221,8 @@ class Checkpointer:
             finally:
                 assert self._copied is not None
                 self._copied.set()  # the training thread may update the weights again
+            if self.slots is not None:
+                self._make_room()
             self.store.write(step, source, layout, skeleton, meta, replace=replace)
         except BaseException as exc:  # reported on the training thread by _collect
             error = exc
@@ -226,6 +242,18 @@ class Checkpointer:
         for info in deleted:
             self.store.delete(info)
         self.store.collect_orphans(newest)
+
+    def _make_room(self) -> None:
+        """Delete all but the newest ``slots - 1`` valid checkpoints (and everything invalid)
+        before a write, so the write never holds more than ``slots`` on storage."""
+        assert self.slots is not None
+        infos = self.store.scan()
+        valid = [i for i in infos if i.committed and i.status == "valid"]
+        keep = {i.name for i in valid[len(valid) - (self.slots - 1):]} if self.slots > 1 else set()
+        for info in infos:
+            if info.name not in keep and info.committed:
+                self.store.delete(info)
+        self.store.collect_orphans(2**62)
 
     def _join(self, waiting_for: int | None = None) -> None:
         thread = self._thread
@@ -253,12 +281,14 @@ class Checkpointer:
         if error is None:
             self.failures = 0
             self.last_committed_step = step
-            log.info("checkpoint step %d saved to %s/%s (%.1f MB in %.2fs)", step,
-                     self.store.storage.url, step_dir(step), nbytes / 1e6, seconds)
+            log.log(logging.INFO if self.label == "checkpoint" else logging.DEBUG,
+                    "%s step %d saved to %s/%s (%.1f MB in %.2fs)", self.label, step,
+                    self.store.storage.url, step_dir(step), nbytes / 1e6, seconds)
             return
         self.failures += 1
-        log.error("checkpoint step %d failed (%d/%d consecutive): %s: %s", step, self.failures,
-                  self.max_failed_saves, type(error).__name__, error)
+        if self.label == "checkpoint":
+            log.error("checkpoint step %d failed (%d/%d consecutive): %s: %s", step,
+                      self.failures, self.max_failed_saves, type(error).__name__, error)
 
     def note_progress(self, step: int, epoch: int, every_s: float = 2.0,
                       reason: str = "running") -> None:
@@ -312,7 +342,7 @@ class Checkpointer:
     def committed(self, step: int) -> bool:
         """Whether checkpoint ``step`` is committed (by this run, or resumed from). Rank 0 knows;
         other ranks return True, so ``dist.any_rank(not committed)`` is the job-wide answer."""
-        return self.rank != 0 or self.last_committed_step == step
+        return not self.writer or self.last_committed_step == step
 
     def wait(self) -> bool:
         """Wait for the write in flight (rank 0); return :attr:`fatal`."""
@@ -320,8 +350,8 @@ class Checkpointer:
         return self.fatal
 
     def close(self) -> None:
-        """Rank 0: wait for the writers, then release the lease. Local; safe to call twice."""
-        if self.rank != 0:
+        """Writers: wait for the writers, then release the lease. Local; safe to call twice."""
+        if not self.writer:
             return
         try:
             self._join()
@@ -332,16 +362,18 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ starting
 
-    def plan_start(self, resume: str, force_restart: bool, storage_options: dict[str, Any]
-                   ) -> tuple[StartPlan, LoadedCheckpoint | None]:
+    def plan_start(self, resume: str, force_restart: bool, storage_options: dict[str, Any],
+                   memory_step: int = -1) -> tuple[StartPlan, LoadedCheckpoint | None]:
         """Decide (on rank 0) how this run starts and broadcast it. Collective.
 
-        Returns the plan and, on rank 0 when resuming, the already verified checkpoint.
+        ``memory_step``: the newest usable memory-tier snapshot on any node (-1: none); a
+        durable checkpoint is read only if it is newer. Returns the plan and, on rank 0 when
+        resuming from durable storage, the already verified checkpoint.
         """
         plan, loaded = StartPlan("fresh"), None
         if self.rank == 0:
             try:
-                plan, loaded = self._decide(resume, force_restart, storage_options)
+                plan, loaded = self._decide(resume, force_restart, storage_options, memory_step)
             except LeaseHeld as exc:
                 plan = StartPlan("error", message=str(exc))
             except Exception as exc:  # no collective here: the error travels in the plan
@@ -351,8 +383,8 @@ class Checkpointer:
         plan = dist.broadcast_object(plan)
         return plan, loaded
 
-    def _decide(self, resume: str, force_restart: bool, options: dict[str, Any]
-                ) -> tuple[StartPlan, LoadedCheckpoint | None]:
+    def _decide(self, resume: str, force_restart: bool, options: dict[str, Any],
+                memory_step: int = -1) -> tuple[StartPlan, LoadedCheckpoint | None]:
         if self.lease is not None:
             self.lease.acquire()
             self.lease.start_heartbeat()
@@ -362,7 +394,7 @@ class Checkpointer:
         committed = [i for i in self.store.scan() if i.committed]
         notes = []
         if resume not in ("auto", "never"):
-            if not committed:
+            if not committed and memory_step < 0:
                 return self._decide_explicit(resume, options)
             notes.append(f"--resume {resume} is not used: {self.store.storage.url} already "
                          "holds this run's checkpoints, which continue it")
@@ -372,16 +404,21 @@ class Checkpointer:
                 f"--resume never: {self.store.storage.url} already holds checkpoints"
                 f"{' of a finished run' if done is not None else ''}; use --force-restart "
                 "to start over")), None
-        plan, loaded = self._pick(committed, done)
+        plan, loaded = self._pick(committed, done, -1 if resume == "never" else memory_step)
         plan.notes[:0] = notes
         return plan, loaded
 
-    def _pick(self, committed: list[CheckpointInfo], done: dict[str, Any] | None
-              ) -> tuple[StartPlan, LoadedCheckpoint | None]:
-        """The newest committed checkpoint that loads and fits, newest first."""
+    def _pick(self, committed: list[CheckpointInfo], done: dict[str, Any] | None,
+              memory_step: int = -1) -> tuple[StartPlan, LoadedCheckpoint | None]:
+        """The newest committed checkpoint that loads and fits, newest first; the memory
+        tier's snapshot instead when it is at least as new (and the run is not complete)."""
         url = self.store.storage.url
         skipped: list[str] = []
+        use_memory = done is None and memory_step >= 0
+        memory = StartPlan("memory", "memory", step_dir(max(memory_step, 0)), skipped=skipped)
         for info in reversed(committed):
+            if use_memory and info.step <= memory_step:
+                break
             if info.status != "valid" or info.manifest is None:
                 skipped.append(f"{info.name}: {info.problem}")
                 self._invalid_steps.add(info.step)
@@ -408,6 +445,9 @@ class Checkpointer:
                              message=f"run already complete ({_describe(done)})"
                              if complete else "", skipped=skipped,
                              progress=self.store.progress(), notes=notes, changes=changes), loaded
+        if use_memory:
+            memory.progress = self.store.progress()
+            return memory, None
         if committed:
             return StartPlan("error", skipped=skipped, message=(
                 f"{url} holds {len(committed)} checkpoint(s) but none can be used "

@@ -54,6 +54,8 @@ import torch
 from distrib.checkpoint.checkpointer import Checkpointer, ConfigCheck, StartPlan, replay_note
 from distrib.checkpoint.format import InvalidCheckpoint, Meta, Metric
 from distrib.checkpoint.lease import Lease, run_identity
+from distrib.checkpoint.memory import DEFAULT_DIR, MemoryTier, Snapshot, describe, share
+from distrib.checkpoint.serialization import flatten_state, plan_layout
 from distrib.checkpoint.statecheck import check_like, check_optimizer, check_rng
 from distrib.checkpoint.storage import open_storage, parse_options
 from distrib.checkpoint.store import CheckpointError, CheckpointStore, SaveFailedError
@@ -131,6 +133,13 @@ class CheckpointManager:
         config_fingerprint: a digest of ``config``'s must-match part, saved in the manifests.
         log_progress: log the resume line and the first step (off for a caller that logs its
             own).
+        memory_every_steps: the memory tier (:mod:`distrib.checkpoint.memory`): a snapshot in
+            node-local shared memory every N optimizer steps (0: ``auto``, chosen by Young/Daly
+            from the measured snapshot cost and ``mtbf_seconds``; None: off). Resume then takes
+            the newest state of any tier and node; durable storage is read only when no node
+            has a usable snapshot at least as new.
+        memory_dir: the node-local tmpfs directory of the memory tier.
+        mtbf_seconds: the expected time between failures, for ``auto`` intervals.
 
     Objects registered as per-rank may define ``check_rank_states(states)`` and
     ``load_rank_states(states, rank, world)`` to see every rank's saved entry at once (to check
@@ -149,7 +158,9 @@ class CheckpointManager:
                  strategy: Strategy | None = None,
                  storage_options: Mapping[str, Any] | None = None, samples_per_step: int = 0,
                  preemption: PreemptionHandler | None = None,
-                 config_fingerprint: str | None = None, log_progress: bool = True) -> None:
+                 config_fingerprint: str | None = None, log_progress: bool = True,
+                 memory_every_steps: int | None = None, memory_dir: str = DEFAULT_DIR,
+                 mtbf_seconds: float = 4 * 3600.0) -> None:
         for name, obj in state.items():
             if not isinstance(obj, Stateful):
                 raise TypeError(f"state[{name!r}] has no state_dict()/load_state_dict()")
@@ -174,14 +185,19 @@ class CheckpointManager:
         store = CheckpointStore(open_storage(directory, self.options),
                                 shard_bytes=max(1, int(shard_size_mb * 2**20)))
         self.records = RunRecords()
+        check_config = check_config or (logged_differences(config) if config else None)
         self.checkpointer = Checkpointer(
             store, rank=rank, async_save=async_save, keep_last=keep_last, keep_best=keep_best,
             mode=mode, max_failed_saves=max_failed_saves, on_saved=self._on_saved,
-            check_state=self._check,
-            check_config=check_config or (logged_differences(config) if config else None),
+            check_state=self._check, check_config=check_config,
             allow_config_change=allow_config_change,
             lease=Lease(store.storage, run_identity(), lease_timeout)
             if lease_timeout and rank == self.strategy.writer_rank else None)
+        self.memory = None if memory_every_steps is None else MemoryTier(
+            memory_dir, store.storage.url, run_identity(), every_steps=memory_every_steps,
+            mtbf_seconds=mtbf_seconds, check_state=self._check,
+            check_config=None if allow_config_change else check_config,
+            shard_bytes=store.shard_bytes)
         self.preemption = preemption or PreemptionHandler()
         self.agreement = dist.LaggedAgreement(3)  # [saves keep failing, preemption, lease lost]
         self.step = 0
@@ -202,7 +218,9 @@ class CheckpointManager:
         holds the directory); with ``resume="never"``, when the directory holds checkpoints."""
         self._start_handling()
         cfg = self.checkpointer
-        plan, loaded = cfg.plan_start(self.resume_mode, self.force_restart, self.options)
+        snapshot, found = self._memory_snapshots()
+        plan, loaded = cfg.plan_start(self.resume_mode, self.force_restart, self.options,
+                                      max((step for step, _ in found), default=-1))
         if dist.rank() == self.strategy.writer_rank:
             for skipped in plan.skipped:
                 log.warning("skipping checkpoint %s", skipped)
@@ -216,13 +234,20 @@ class CheckpointManager:
             log.warning("%s", plan.message)
         source = f"{plan.root}/{plan.name}" if plan.name else None
         saved_at = None
-        if plan.name:
+        if plan.kind == "memory":
+            source = self._resume_from_memory(snapshot, found, int(plan.name[5:]))
+        elif plan.name:
             state, info = cfg.load(plan, loaded, self.options)
             self._load(state, source or "")
             self.step = info.step
             self.epoch = info.manifest.meta.epoch if info.manifest is not None else 0
             saved_at = info.manifest.created if info.manifest is not None else None
             self._saved_step = info.step if plan.root == cfg.store.storage.url else None
+        if self.memory is not None:
+            if plan.kind == "complete":
+                self.memory.clear()
+            else:
+                self.memory.check_space(self._state_bytes())
         marker = self._open_records(plan, source) if plan.kind != "complete" else None
         note = replay_note(plan, marker, self.step)
         if plan.name and self.log_progress and dist.rank() == self.strategy.writer_rank:
@@ -230,6 +255,52 @@ class CheckpointManager:
         self._started = time.perf_counter()
         return Resume(self.step, self.epoch, plan.kind == "complete", source,
                       tuple(plan.skipped), saved_at, note, plan.message)
+
+    def _memory_snapshots(self) -> tuple[Snapshot | None, list[tuple[int, str]]]:
+        """This node's newest usable memory snapshot, and every rank's (step or -1, host).
+        Collective when the memory tier is on."""
+        if self.memory is None:
+            return None, []
+        snapshot = None
+        if self.force_restart or self.resume_mode == "never":
+            self.memory.clear()
+        else:
+            snapshot = self.memory.newest()
+        return snapshot, dist.all_gather_objects(
+            (snapshot.step if snapshot else -1, self.memory.host))
+
+    def _resume_from_memory(self, snapshot: Snapshot | None, found: list[tuple[int, str]],
+                            step: int) -> str:
+        """Every rank: load the memory tier's snapshot of ``step``, from this node's shared
+        memory when every node has it, else broadcast from the first rank that has it (a
+        replaced node has none). Returns its description. Collective."""
+        assert self.memory is not None
+        have = [s == step for s, _ in found]
+        name = f"step-{step:09d}" if snapshot is None else snapshot.info.name
+        if all(have):
+            assert snapshot is not None
+            state, epoch = snapshot.state, snapshot.epoch
+            source = describe(self.memory.path, name)
+            how = "each node's own snapshot, no storage read"
+        else:
+            src = have.index(True)
+            state, epoch = share(snapshot if dist.rank() == src else None, src)
+            source = f"memory:{found[src][1]}:{self.memory.path}/{name}"
+            how = (f"broadcast from rank {src} on {found[src][1]} to the "
+                   f"{have.count(False)} rank(s) without it, no storage read")
+        self._load(state, source)
+        self.step, self.epoch = step, epoch
+        self.memory.checkpointer.last_committed_step = step if have[dist.rank()] else None
+        if dist.rank() == 0:
+            log.info("resuming from the memory tier: step %d (%s)", step, how)
+        return source
+
+    def _state_bytes(self) -> int:
+        """The size of one snapshot of the registered objects (every rank's per-rank state
+        counted as this rank's)."""
+        shared, mine = self._state()
+        _, tensors = flatten_state({**shared, "per_rank": [mine] * dist.world_size()})
+        return plan_layout(tensors).total
 
     def _start_handling(self) -> None:
         if self._open:
@@ -351,12 +422,7 @@ class CheckpointManager:
         """Checkpoint the registered objects as step ``step`` (asynchronously unless
         ``blocking``). Collective."""
         shared, mine = self._state()
-        meta = Meta(epoch=self.epoch, world_size=dist.world_size(), final=final,
-                    metric=None if metric is None else Metric(
-                        metric_name, metric if math.isfinite(metric) else None,
-                        self.checkpointer.mode),  # type: ignore[arg-type]
-                    config=dict(self.policy.config) if self.policy.config is not None else None,
-                    config_fingerprint=self.fingerprint, torch=torch.__version__)
+        meta = self._meta(final, metric, metric_name)
         blocking = blocking or final
         self.checkpointer.save(step, shared, mine, meta, blocking=blocking, replace=replace,
                                skip_if_committed=blocking and not replace,
@@ -364,6 +430,23 @@ class CheckpointManager:
         self._saved_step = step
         if blocking:
             dist.barrier()  # nobody goes on while the writer is still committing
+
+    def _meta(self, final: bool = False, metric: float | None = None,
+              metric_name: str = "metric") -> Meta:
+        return Meta(epoch=self.epoch, world_size=dist.world_size(), final=final,
+                    metric=None if metric is None else Metric(
+                        metric_name, metric if math.isfinite(metric) else None,
+                        self.checkpointer.mode),  # type: ignore[arg-type]
+                    config=dict(self.policy.config) if self.policy.config is not None else None,
+                    config_fingerprint=self.fingerprint, torch=torch.__version__)
+
+    def snapshot(self, step: int) -> None:
+        """A memory-tier snapshot of the registered objects as step ``step`` (asynchronously).
+        Collective; a no-op without the memory tier."""
+        if self.memory is not None:
+            shared, mine = self._state()
+            self.memory.save(step, shared, mine, self._meta(), self._deferrable(),
+                             time.perf_counter())
 
     def _deferrable(self) -> list[torch.Tensor]:
         """Tensors only ``optimizer.step()`` changes: the registered optimizers' parameters and
@@ -380,6 +463,8 @@ class CheckpointManager:
         """Wait until the background copy of the last save no longer needs the parameters.
         Local; the registered optimizers call it before every step."""
         self.checkpointer.fence()
+        if self.memory is not None:
+            self.memory.checkpointer.fence()
 
     def step_done(self, step: int, *, epoch: int | None = None, epoch_ends: bool = False,
                   ending: bool = False) -> None:
@@ -405,6 +490,9 @@ class CheckpointManager:
             return
         if every and step % every == 0 and self._saved_step != step and not ending:
             self.save(step)
+        if (self.memory is not None and not ending
+                and self.memory.due(step, time.perf_counter())):
+            self.snapshot(step)
 
     def epoch_save_due(self, epoch: int) -> bool:
         """Whether :meth:`epoch_done` of ``epoch`` saves (``save_every_epochs``). Local."""
@@ -454,6 +542,8 @@ class CheckpointManager:
         if dist.any_rank(not self.checkpointer.committed(self.step)):
             raise SaveFailedError("the emergency checkpoint could not be written")
         self.checkpointer.note_progress(self.step, self.epoch, reason="preempted")
+        if self.memory is not None:  # the durable tier holds this very step
+            self.memory.clear()
         self.records.end("preempted", step=self.step, epoch=self.epoch, reason=name)
         if dist.rank() == 0:
             log.warning("emergency checkpoint committed in %.1fs; exiting with code 75 "
@@ -486,6 +576,8 @@ class CheckpointManager:
                 "step": step, "epoch": self.epoch, **dict(info or {}),
                 **({"config": dict(self.policy.config)} if self.policy.config else {})})
             self.checkpointer.note_progress(step, self.epoch, reason="finished")
+        if self.memory is not None:
+            self.memory.clear()
 
     def log(self, step: int, **values: float) -> None:
         """Add a record of ``values`` at ``step`` to the run records (rank 0; local)."""
@@ -505,6 +597,8 @@ class CheckpointManager:
             self.preemption.uninstall()
         if status is not None:
             self.records.end(status, step=self.step, epoch=self.epoch, message=message)
+        if self.memory is not None:
+            self.memory.close()
         self.checkpointer.close()
 
     def __enter__(self) -> CheckpointManager:

@@ -131,6 +131,13 @@ def _place(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
     return raw.view(dtype).view(entry.shape)
 
 
+def unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """The tensors of ``layout`` out of a flat uint8 ``buffer`` holding its stream (copies:
+    each tensor gets its own storage, as a checkpoint read gives them; some consumers, such as
+    ``torch.set_rng_state``, fail on a view into a larger storage)."""
+    return [_place(buffer, e).clone() for e in layout.entries]
+
+
 class ByteSource(Protocol):
     """The tensor byte stream of one checkpoint, as the writer reads it."""
 

@@ -182,6 +182,29 @@ def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
     return out
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank returns every rank's ``obj`` in rank order (pickled; small objects). Collective."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_bytes(data: torch.Tensor | None, nbytes: int, src: int) -> torch.Tensor:
+    """Every rank returns rank ``src``'s flat uint8 CPU tensor of ``nbytes`` bytes (``data`` on
+    ``src``; ignored elsewhere). ``nbytes`` must be the same on every rank (broadcast it first).
+    Collective."""
+    if not active():
+        assert data is not None
+        return data
+    buf = data if rank() == src and data is not None else torch.empty(nbytes, dtype=torch.uint8)
+    device = _comm_device()
+    moved = buf.to(device) if device.type != "cpu" else buf
+    tdist.broadcast(moved, src=src)
+    return moved.cpu() if device.type != "cpu" else moved
+
+
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sum of ``values`` over ranks, in float64. Collective.
 
