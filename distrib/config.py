@@ -273,6 +273,16 @@ class CheckpointConfig:
     lease_timeout: float = _opt(60.0, "seconds without a heartbeat after which another run's "
                                 "lease on --checkpoint-dir counts as stale (0: no lease)",
                                 fingerprint=False, lo=0, hi=86400)
+    memory_every_steps: str = _opt("off", "memory tier: snapshot the training state into "
+                                   "node-local shared memory every N optimizer steps, or 'auto' "
+                                   "(Young/Daly from the measured snapshot cost and "
+                                   "--mtbf-hours), or 'off'; a restarted worker resumes from it "
+                                   "without reading --checkpoint-dir", metavar="N|auto|off",
+                                   fingerprint=False)
+    memory_dir: str = _opt("/dev/shm", "the node-local tmpfs directory of the memory tier",
+                           metavar="DIR", fingerprint=False, resume="ignored")
+    mtbf_hours: float = _opt(4.0, "expected hours between failures, for --memory-every-steps "
+                             "auto", fingerprint=False, gt=0, hi=10**6)
     storage_options: dict[str, str] = _opt({}, "an fsspec storage option KEY=VALUE (repeatable; "
                                            "values are parsed as JSON when they can be)",
                                            metavar="KEY=VALUE", fingerprint=False,
@@ -286,6 +296,21 @@ class CheckpointConfig:
             _fail("resume", "must be auto, never or a checkpoint URL")
         if 0 < self.lease_timeout < 1:
             _fail("lease_timeout", f"must be 0 (off) or at least 1 (got {self.lease_timeout:g})")
+        if self.memory_steps() == -1:
+            _fail("memory_every_steps", f"must be a number of steps >= 1, auto or off (got "
+                  f"{self.memory_every_steps!r})")
+        if not self.memory_dir.strip() or "\0" in self.memory_dir:
+            _fail("memory_dir", "must name a directory")
+
+    def memory_steps(self) -> int | None:
+        """--memory-every-steps as the checkpoint manager takes it: None (off), 0 (auto) or N
+        (-1: not valid)."""
+        text = self.memory_every_steps.strip().lower()
+        if text in ("off", "none", "0"):
+            return None
+        if text == "auto":
+            return 0
+        return int(text) if text.isdigit() and 1 <= int(text) <= _BIG else -1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

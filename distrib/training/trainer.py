@@ -278,7 +278,9 @@ class Trainer:
             storage_options=self.storage_options,
             samples_per_step=cfg.train.batch_size * dist.world_size()
             * cfg.train.grad_accum_steps,
-            preemption=self.preemption, config_fingerprint=cfg.fingerprint(), log_progress=False)
+            preemption=self.preemption, config_fingerprint=cfg.fingerprint(), log_progress=False,
+            memory_every_steps=c.memory_steps(), memory_dir=c.memory_dir,
+            mtbf_seconds=c.mtbf_hours * 3600.0)
 
     @property
     def storage_options(self) -> dict[str, Any]:
