@@ -397,7 +397,7 @@ class LocalCluster:
     UID = "0f6c2b7e-5d1a-4c1e-9a57-3b2d7c9e1f00"  # the Job's metadata.uid, as its pods see it
     TRAIN = ["--task", "tests.tasks:tiny", "--task-arg", "dropout=0.1", "--max-epochs", "2",
              "--no-early-stop", "--batch-size", "16", "--save-every-steps", "50",
-             "--log-every-steps", "0"]
+             "--log-every-steps", "0", "--memory-every-steps", "5"]
 
     def __init__(self, overlay: str, tmp: Path, endpoint: str, hosts: list[str]) -> None:
         from .s3servers import make_bucket, s3_env
@@ -454,7 +454,10 @@ class LocalCluster:
                 arg = arg.replace(host, address)
             local.append(sys.executable if arg == "python" else
                          arg.replace(self.mount["mountPath"], str(self.etc)))
-        train = [*self.TRAIN, "--task-arg", f"train={train_samples}", *extra_args]
+        shm = self.tmp / f"shm-{name}"  # each pod's own /dev/shm (a Memory emptyDir)
+        shm.mkdir()
+        train = [*self.TRAIN, "--task-arg", f"train={train_samples}", "--memory-dir", str(shm),
+                 *extra_args]
         return Pod(local + train, env, self.tmp / f"{name}.log")
 
     def rendezvous_address(self) -> str:
@@ -524,6 +527,8 @@ def test_the_indexed_jobs_command_runs_as_two_local_pods_and_survives_losing_one
     for p in pods:
         assert p.proc.wait(timeout=240) == exitcodes.OK, p.text()[-4000:]
     assert "resumed from" in pods[0].text() + pods[1].text()
+    assert re.search(r"resuming from the memory tier: step \d+ \(broadcast from rank \d",
+                     pods[0].text() + pods[1].text())  # the new pod got the state from its peer
     final, complete = cluster.final_checkpoint()
     assert complete is not None  # the run is marked complete
     assert final.step == 2 * 8000 // (2 * 16)  # 2 epochs, 2 ranks x 16 samples per step
