@@ -43,10 +43,12 @@ def _check(result: dict[str, Any], table: str, numbers: list[int]) -> None:
 
 
 def test_quick_in_process_figures(tmp_path: Path) -> None:
-    result, table = _bench(tmp_path, "--only", "1,2,3,7,8")
-    _check(result, table, [1, 2, 3, 7, 8])
-    scale = result["figures"][-1]
-    assert len(scale["sizes"]["sizes_mb"]) == 3
+    result, table = _bench(tmp_path, "--only", "1,2,3,7,8,13,14,15,16")
+    _check(result, table, [1, 2, 3, 7, 8, 13, 14, 15, 16])
+    for scale in (result["figures"][4], result["figures"][-1]):  # 8 and 16: fitted over 3 sizes
+        assert len(scale["sizes"]["sizes_mb"]) == 3
+    dcp = result["figures"][5]["details"]  # 13-15: both sides timed in every repetition
+    assert len(dcp["dcp_load_s"]) == len(dcp["load_s"]) == 1
 
 
 @pytest.mark.slow
@@ -59,7 +61,7 @@ def test_quick_training_job_figures(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--only", "0"], "numbered 1 to 9"),
+    (["--only", "0"], "numbered 1 to 9 and 13 to 16"),
     (["--only", "1,x"], "expected figure numbers"),
     (["--size-mb", "0"], "must be > 0"),
     (["--reps", "two"], "expected a number"),

@@ -13,7 +13,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from distrib.bench.core import Figure, Settings, environment, figure, markdown_table, text_table
 
-ALL = tuple(range(1, 10))
+ALL = (*range(1, 10), 13, 14, 15, 16)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,8 @@ def _only(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected figure numbers like 1,3, got {text!r}") from None
     bad = [n for n in chosen if n not in ALL]
     if not chosen or bad:
-        raise argparse.ArgumentTypeError(f"figures are numbered 1 to 9, got {text!r}")
+        raise argparse.ArgumentTypeError(f"figures are numbered 1 to 9 and 13 to 16, got "
+                                         f"{text!r}")
     return chosen
 
 
@@ -49,13 +50,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smaller sizes and 3 repetitions (under 2 minutes on 2 cores)")
     p.add_argument("--only", type=_only, default=list(ALL), metavar="N,M",
-                   help="run only these figures (1-9)")
+                   help="run only these figures (1-9, 13-16)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--markdown", action="store_true",
                    help="print the table as Markdown (the README's Performance table)")
     p.add_argument("--size-mb", type=_positive(float), default=None,
-                   help="training-state size for figures 1-3 and 6; figure 8 uses size/8, "
-                        "size/2, 2*size; figure 7 size/8 (default 512, --quick 64)")
+                   help="training-state size for figures 1-3, 6 and 13-15; figure 8 uses "
+                        "size/8, size/2, 2*size; figure 16 size/8, size, 4*size; figure 7 "
+                        "size/8 (default 512, --quick 64)")
     p.add_argument("--reps", type=_positive(int), default=None,
                    help="repetitions per figure (default 5, --quick 3)")
     p.add_argument("--dir", default=".",
@@ -71,12 +73,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(chosen: Sequence[int], settings: Settings,
         report: Callable[[Figure], None]) -> list[Figure]:
     """Run the chosen figures in order, reporting each as it is done."""
-    from distrib.bench import jobs, local, s3
+    from distrib.bench import dcp, jobs, local, s3
 
     figures: list[Figure] = []
     state: list[local.TrainingState] = []
 
-    def shared_state() -> local.TrainingState:  # figures 1-3 save the same state
+    def shared_state() -> local.TrainingState:  # figures 1-3 and 13-15 save the same state
         if not state:
             state.append(local.TrainingState(int(settings.size_mb * 2**20)))
         return state[0]
@@ -84,16 +86,18 @@ def run(chosen: Sequence[int], settings: Settings,
     groups: list[tuple[tuple[int, ...], Callable[[], list[Figure]]]] = [
         ((1, 2), lambda: local.figures_1_2(settings, shared_state())),
         ((3,), lambda: [local.figure_3(settings, shared_state())]),
+        ((13, 14, 15), lambda: dcp.figures_13_15(settings, shared_state())),
         ((4,), lambda: [jobs.figure_4(settings)]),
         ((5, 9), lambda: jobs.figures_5_9(settings)),
         ((6,), lambda: [jobs.figure_6(settings)]),
         ((7,), lambda: [s3.figure_7(settings)]),
         ((8,), lambda: [local.figure_8(settings)]),
+        ((16,), lambda: [dcp.figure_16(settings)]),
     ]
     for numbers, measure in groups:
         if not set(numbers) & set(chosen):
             continue
-        if 3 < min(numbers):
+        if numbers[0] not in (1, 3, 13):
             state.clear()  # free the shared state's memory for the rest
         try:
             new = measure()

@@ -31,6 +31,10 @@ GOALS: dict[int, tuple[str, str, float]] = {
     7: ("S3 checkpoint upload / s3fs put_file, throughput", ">=", 0.9),
     8: ("save time vs size: fitted exponent", "<=", 1.1),
     9: ("early-stop + preemption agreement time / epoch time", "<=", 0.01),
+    13: ("sync save / torch.distributed.checkpoint save, speed", ">=", 1.0),
+    14: ("async save stall: dcp.async_save's / distrib's", ">=", 1.0),
+    15: ("load into live objects / dcp.load in place, speed", ">=", 1.0),
+    16: ("memory-tier snapshot time vs size: fitted exponent", "<=", 1.1),
 }
 
 
@@ -101,6 +105,21 @@ def interleave(reps: int, sides: Sequence[Callable[[], float]],
             s = (rep + k) % len(sides)
             out[s].append(sides[s]())
             between()
+    return out
+
+
+def fitted_exponents(nbytes: Sequence[int], columns: Sequence[Sequence[float]], reps: int
+                     ) -> list[float]:
+    """Per repetition, the least-squares slope of log(time) against log(size): ``columns[i][r]``
+    is repetition ``r``'s time at size ``nbytes[i]``."""
+    xs = [math.log(n) for n in nbytes]
+    mx = sum(xs) / len(xs)
+    out = []
+    for rep in range(reps):
+        ys = [math.log(column[rep]) for column in columns]
+        my = sum(ys) / len(ys)
+        out.append(sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+                   / sum((x - mx) ** 2 for x in xs))
     return out
 
 

@@ -9,7 +9,6 @@ exactly what a save is compared with.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import shutil
 from typing import Any
@@ -17,7 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from distrib.bench.core import MB, Figure, Settings, figure, fsync_write, interleave, timed
+from distrib.bench.core import (
+    MB,
+    Figure,
+    Settings,
+    figure,
+    fitted_exponents,
+    fsync_write,
+    interleave,
+    timed,
+)
 from distrib.bench.tasks import layer_plan
 from distrib.checkpoint.checkpointer import Checkpointer
 from distrib.checkpoint.storage import LocalStorage
@@ -173,13 +181,7 @@ def figure_8(settings: Settings) -> Figure:
     saver = Saver(root, async_save=False)
     saver.save(states[0])  # warm-up
     columns = interleave(settings.reps, [functools.partial(saver.save, s) for s in states])
-    xs = [math.log(s.nbytes()) for s in states]
-    exponents = []
-    for rep in range(settings.reps):
-        ys = [math.log(columns[i][rep]) for i in range(len(states))]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        exponents.append(sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-                         / sum((x - mx) ** 2 for x in xs))
+    exponents = fitted_exponents([s.nbytes() for s in states], columns, settings.reps)
     shutil.rmtree(root, ignore_errors=True)
     mbs = [round(s.nbytes() / MB) for s in states]
     return figure(8, exponents, {"sizes_mb": mbs},
