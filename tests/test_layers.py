@@ -21,6 +21,7 @@ LAYERS = [
     ("distrib.checkpoint.store", 3),
     ("distrib.checkpoint.lease", 3),
     ("distrib.checkpoint.checkpointer", 3),
+    ("distrib.checkpoint.memory", 3),
     ("distrib.records", 3),
     ("distrib.checkpoint.manager", 4),
     ("distrib.training", 5),

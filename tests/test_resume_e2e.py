@@ -207,7 +207,9 @@ def test_chaos_script_with_five_kills(tmp_path: Path) -> None:
     job = [a if a != "2" or i == 0 or JOB[i - 1] != "--max-epochs" else "4"
            for i, a in enumerate(JOB)]
     proc = run_cli([sys.executable, str(REPO / "launch" / "chaos.py"), "--kills", "5",
-                    "--seed", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
+                    "--seed", "1", "--max-delay", "1.0",  # 5 kills within the job's ~12 s of
+                    # training, however fast this machine runs it (2 s each did not always fit)
+                    "--workdir", str(tmp_path / "work"), "--json", str(out),
                     "--", *job], cwd=REPO, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     result: dict[str, Any] = json.loads(out.read_text())
