@@ -58,7 +58,7 @@ from distrib.checkpoint.memory import DEFAULT_DIR, MemoryTier, Snapshot, describ
 from distrib.checkpoint.serialization import flatten_state, plan_layout
 from distrib.checkpoint.statecheck import check_like, check_optimizer, check_rng
 from distrib.checkpoint.storage import open_storage, parse_options
-from distrib.checkpoint.store import CheckpointError, CheckpointStore, SaveFailedError
+from distrib.checkpoint.store import CheckpointError, CheckpointStore, SaveFailedError, step_dir
 from distrib.records.events import RunRecords, default_log_dir
 from distrib.runtime import dist
 from distrib.runtime.preemption import Preempted, PreemptionHandler, shutdown_budget_problems
@@ -276,21 +276,20 @@ class CheckpointManager:
         replaced node has none). Returns its description. Collective."""
         assert self.memory is not None
         have = [s == step for s, _ in found]
-        name = f"step-{step:09d}" if snapshot is None else snapshot.info.name
+        name = step_dir(step)
         if all(have):
             assert snapshot is not None
             state, epoch = snapshot.state, snapshot.epoch
-            source = describe(self.memory.path, name)
+            source = describe(self.memory.host, self.memory.path, name)
             how = "each node's own snapshot, no storage read"
         else:
             src = have.index(True)
             state, epoch = share(snapshot if dist.rank() == src else None, src)
-            source = f"memory:{found[src][1]}:{self.memory.path}/{name}"
+            source = describe(found[src][1], self.memory.path, name)
             how = (f"broadcast from rank {src} on {found[src][1]} to the "
                    f"{have.count(False)} rank(s) without it, no storage read")
         self._load(state, source)
         self.step, self.epoch = step, epoch
-        self.memory.checkpointer.last_committed_step = step if have[dist.rank()] else None
         if dist.rank() == 0:
             log.info("resuming from the memory tier: step %d (%s)", step, how)
         return source

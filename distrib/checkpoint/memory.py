@@ -48,7 +48,7 @@ from distrib.checkpoint.serialization import (
     unpack,
 )
 from distrib.checkpoint.storage import LocalStorage
-from distrib.checkpoint.store import CheckpointInfo, CheckpointStore, CorruptCheckpoint, step_dir
+from distrib.checkpoint.store import CheckpointInfo, CheckpointStore, CorruptCheckpoint
 from distrib.runtime import dist
 
 log = logging.getLogger(__name__)
@@ -302,10 +302,10 @@ def share(snapshot: Snapshot | None, src: int) -> tuple[dict[str, Any], int]:
     return unflatten_state(skeleton, unpack(flat, layout)), int(epoch)
 
 
-def describe(path: str, name: str) -> str:
-    """The source name of a memory snapshot in logs and run records."""
-    return f"memory:{socket.gethostname()}:{path}/{name}"
+def describe(host: str, path: str, name: str) -> str:
+    """The source name of snapshot ``name`` in ``path`` on ``host``, in logs and run records."""
+    return f"memory:{host}:{path}/{name}"
 
 
-__all__ = ["DEFAULT_DIR", "MemoryTier", "Snapshot", "describe", "share", "step_dir",
+__all__ = ["DEFAULT_DIR", "MemoryTier", "Snapshot", "describe", "share",
            "tier_path", "young_daly_steps"]
