@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ import torch
 
 from distrib import CheckpointManager
 from distrib.checkpoint.memory import tier_path, young_daly_steps
+from distrib.checkpoint.serialization import TensorSource, plan_layout
+from distrib.checkpoint.storage import LocalStorage
+from distrib.checkpoint.store import CheckpointStore, CorruptCheckpoint
 
 from .conftest import REPO, LoggedJob, free_port
 from .test_own_loop import _loop
@@ -94,6 +98,39 @@ def test_the_resume_names_the_memory_tier_and_reads_no_durable_checkpoint(
     m.close()
     assert "resuming from the memory tier: step 8 (each node's own snapshot" in caplog.text
     assert "skipping checkpoint" not in caplog.text  # the damaged durable one was never read
+
+
+def test_durable_checkpoints_are_persisted_from_the_snapshot_and_resume_bit_identical(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shm, ck = tmp_path / "shm", tmp_path / "ck"
+    shm.mkdir()
+    ref, m = _loop(tmp_path / "ref", 30)
+    m.close()
+    caplog.set_level(logging.DEBUG, logger="distrib.checkpoint.checkpointer")
+    _crash(ck, shm, stop_at=9, save_every_steps=3)  # memory every 2, and at each durable save
+    for step in (3, 6, 9):
+        assert f"checkpoint step {step} persisted from memory:" in caplog.text
+    durable = CheckpointStore(LocalStorage(str(ck))).inspect(9)
+    snapshot = CheckpointStore(LocalStorage(str(_tier(shm, ck)))).inspect(9)
+    assert durable.manifest is not None and snapshot.manifest is not None
+    assert [f.checksum for f in durable.manifest.shards] == \
+        [f.checksum for f in snapshot.manifest.shards]
+    shutil.rmtree(_tier(shm, ck))  # the whole job lost: only the durable tier is left
+    again, m = _loop(ck, 30, memory_every_steps=2, memory_dir=str(shm), log_dir=None,
+                     lease_timeout=0, save_every_steps=3)
+    m.close()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(ref), _weights(again)))
+
+
+def test_a_copy_that_differs_from_its_source_checksums_is_never_committed(
+        tmp_path: Path) -> None:
+    store = CheckpointStore(LocalStorage(str(tmp_path)))
+    tensors = [torch.arange(100, dtype=torch.float32)]
+    layout = plan_layout(tensors)
+    with pytest.raises(CorruptCheckpoint, match="differ from their source"):
+        store.write(1, TensorSource(tensors, layout), layout, {"__tensor__": 0}, {},
+                    expected=["0" * 32])
+    assert not store.scan() and not list(tmp_path.iterdir())
 
 
 def test_a_damaged_snapshot_falls_back_to_the_other_slot_then_to_durable(

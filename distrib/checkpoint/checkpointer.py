@@ -35,7 +35,14 @@ import torch
 
 from distrib.checkpoint.format import InvalidCheckpoint, Meta
 from distrib.checkpoint.lease import Lease, LeaseHeld
-from distrib.checkpoint.serialization import ByteSource, FlatBuffer, TensorSource, flatten_state, plan_layout
+from distrib.checkpoint.serialization import (
+    ByteSource,
+    FlatBuffer,
+    Layout,
+    TensorSource,
+    flatten_state,
+    plan_layout,
+)
 from distrib.checkpoint.storage import open_storage
 from distrib.checkpoint.store import (
     CheckpointError,
@@ -68,6 +75,21 @@ class StartPlan:
     progress: dict[str, Any] | None = None  # the last heartbeat of the interrupted run
     notes: list[str] = field(default_factory=list)  # warnings for the log
     changes: list[str] = field(default_factory=list)  # options that changed since the checkpoint
+
+
+@dataclass
+class Persisted:
+    """A committed checkpoint's bytes, opened for writing elsewhere (:meth:`Checkpointer.save_from`):
+    its stream, layout, skeleton and metadata, and its shards' checksums, which the copy must
+    reproduce. ``close`` releases the source."""
+
+    source: ByteSource
+    layout: Layout
+    skeleton: Any
+    meta: Meta
+    checksums: list[str]
+    close: Callable[[], None]
+    origin: str  # where the bytes are, for the log
 
 
 def retention(infos: list[CheckpointInfo], keep_last: int, keep_best: int,
@@ -107,6 +129,11 @@ class Checkpointer:
         slots: at most this many checkpoints on storage at any time, counting the one being
             written: older ones are deleted before a write starts (the memory tier's two
             alternating slots); None: retention by ``keep_last``/``keep_best`` after a commit.
+        live: the live objects' current state, shaped like a saved state: a resume reads the
+            checkpoint's tensors straight into its matching CPU tensors (no allocation; see
+            :meth:`~distrib.checkpoint.store.CheckpointStore.read`). Used only where a read that
+            fails is followed by a full load of another checkpoint or by an error, never by a
+            fresh start over half-loaded objects.
     """
 
     def __init__(self, store: CheckpointStore, *, rank: int, async_save: bool = True,
@@ -117,8 +144,10 @@ class Checkpointer:
                  check_config: ConfigCheck | None = None, allow_config_change: bool = False,
                  lease: Lease | None = None, writer: bool | None = None,
                  gather: Callable[[Any], list[Any] | None] = dist.gather_objects,
-                 slots: int | None = None, label: str = "checkpoint") -> None:
+                 slots: int | None = None, label: str = "checkpoint",
+                 live: Callable[[], Any] | None = None) -> None:
         self.store = store
+        self.live = live
         self.writer = rank == 0 if writer is None else writer
         self.gather = gather
         self.slots = slots
@@ -180,12 +209,7 @@ class Checkpointer:
         if not self.writer:
             return
         started = time.perf_counter()
-        self._join(waiting_for=step)
-        if skip_if_committed and self.last_committed_step == step:
-            return
-        if self.lease_lost:
-            self._result = (step, 0.0, 0, CheckpointError("the directory's lease was lost"))
-            self._collect()
+        if not self._ready(step, skip_if_committed):
             return
         skeleton, tensors = flatten_state({**state, "per_rank": gathered})
         layout = plan_layout(tensors)
@@ -200,30 +224,81 @@ class Checkpointer:
         self._copied = threading.Event()
         self.stall_seconds = time.perf_counter() - started
         replace = replace or step in self._invalid_steps
-        args = (step, source, layout, skeleton, meta, replace)
-        self._in_flight = step
-        if background:
-            self._thread = threading.Thread(target=self._write, args=args,
-                                            name=f"distrib-ckpt-{step}", daemon=True)
-            self._thread.start()
-        else:
-            self._write(*args)
-            self._collect()
+        copied = self._copied
 
-    def _write(self, step: int, source: ByteSource, layout: Any, skeleton: Any,
-               meta: Meta | Mapping[str, Any],
-               replace: bool) -> None:
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
+        def write() -> int:
             try:
                 source.prepare()
             finally:
-                assert self._copied is not None
-                self._copied.set()  # the training thread may update the weights again
+                copied.set()  # the training thread may update the weights again
             if self.slots is not None:
                 self._make_room()
             self.store.write(step, source, layout, skeleton, meta, replace=replace)
+            return int(layout.total)
+        self._start(step, write, background)
+
+    def save_from(self, step: int, persisted: Callable[[], Persisted]) -> None:
+        """Checkpoint ``step`` from bytes that already exist outside the training state: the
+        memory tier's committed snapshot of this very step (``persisted`` waits for it and opens
+        it, on the writer's background thread). The training thread copies nothing and gathers
+        nothing (the snapshot holds every rank's state); the written files' checksums must equal
+        the snapshot's. Every rank calls it (the same bookkeeping everywhere); no collective."""
+        self.last_saved_step = step
+        if not self.writer:
+            return
+        started = time.perf_counter()
+        if not self._ready(step, False):
+            return
+        self._copied = threading.Event()
+        self._copied.set()  # nothing of the live state is read
+        self.stall_seconds = time.perf_counter() - started
+        replace = step in self._invalid_steps
+
+        def write() -> int:
+            source = persisted()
+            try:
+                self.store.write(step, source.source, source.layout, source.skeleton,
+                                 source.meta, replace=replace, expected=source.checksums)
+            finally:
+                source.close()
+            log.debug("%s step %d persisted from %s", self.label, step, source.origin)
+            return int(source.layout.total)
+        self._start(step, write, self.async_save)
+
+    def waiter(self) -> Callable[[], None]:
+        """A function that waits, from any thread, for the write in flight now (if any)."""
+        thread = self._thread
+        return thread.join if thread is not None else (lambda: None)
+
+    def _ready(self, step: int, skip_if_committed: bool) -> bool:
+        """Writer: wait for the write in flight; whether ``step`` is to be written now (not when
+        it is committed already and ``skip_if_committed``, nor when the lease was lost)."""
+        self._join(waiting_for=step)
+        if skip_if_committed and self.last_committed_step == step:
+            return False
+        if self.lease_lost:
+            self._result = (step, 0.0, 0, CheckpointError("the directory's lease was lost"))
+            self._collect()
+            return False
+        return True
+
+    def _start(self, step: int, write: Callable[[], int], background: bool) -> None:
+        """Run ``write`` (which returns the bytes written) on a background thread, or here."""
+        self._in_flight = step
+        if background:
+            self._thread = threading.Thread(target=self._write, args=(step, write),
+                                            name=f"distrib-ckpt-{step}", daemon=True)
+            self._thread.start()
+        else:
+            self._write(step, write)
+            self._collect()
+
+    def _write(self, step: int, write: Callable[[], int]) -> None:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        nbytes = 0
+        try:
+            nbytes = write()
         except BaseException as exc:  # reported on the training thread by _collect
             error = exc
         seconds = time.perf_counter() - started
@@ -235,7 +310,7 @@ class Checkpointer:
                 log.warning("checkpoint step %d is committed, but removing older checkpoints "
                             "failed (%s: %s); they are retried after the next save", step,
                             type(exc).__name__, exc)
-        self._result = (step, seconds, layout.total, error)
+        self._result = (step, seconds, nbytes, error)
 
     def _prune(self, newest: int) -> None:
         _, deleted = retention(self.store.scan(), self.keep_last, self.keep_best, self.mode)
@@ -415,6 +490,9 @@ class Checkpointer:
         url = self.store.storage.url
         skipped: list[str] = []
         use_memory = done is None and memory_step >= 0
+        # a failed read into the live objects is followed by another one or an error, unless
+        # the memory tier's snapshot (loaded afterwards from its own tensors) is the fallback
+        into = self.live() if self.live is not None and memory_step < 0 else None
         memory = StartPlan("memory", "memory", step_dir(max(memory_step, 0)), skipped=skipped)
         for info in reversed(committed):
             if use_memory and info.step <= memory_step:
@@ -428,7 +506,7 @@ class Checkpointer:
             if error:
                 return StartPlan("error", message=error, skipped=skipped), None
             try:
-                loaded = self.store.read(info)
+                loaded = self.store.read(info, into=into)
                 if self.check_state is not None:
                     self.check_state(loaded.state())
             except (CorruptCheckpoint, InvalidCheckpoint) as exc:
@@ -488,8 +566,8 @@ class Checkpointer:
         error, notes, changes = self._compare(info.manifest.meta.config, url)
         if error:
             return StartPlan("error", message=error), None
-        try:
-            loaded = store.read(info)
+        try:  # a failure is an error: reading into the live objects is safe
+            loaded = store.read(info, into=self.live() if self.live is not None else None)
             if self.check_state is not None:
                 self.check_state(loaded.state())
         except (CorruptCheckpoint, InvalidCheckpoint) as exc:
@@ -515,7 +593,8 @@ class Checkpointer:
                 store = (self.store if plan.root == self.store.storage.url
                          else CheckpointStore(open_storage(plan.root, storage_options)))
                 info = store.inspect(int(plan.name[5:]), plan.name)
-                loaded = store.read(info)
+                # a failure is an error on every rank: reading into the live objects is safe
+                loaded = store.read(info, into=self.live() if self.live is not None else None)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if dist.any_rank(bool(error)):

@@ -190,7 +190,7 @@ class CheckpointManager:
             store, rank=rank, async_save=async_save, keep_last=keep_last, keep_best=keep_best,
             mode=mode, max_failed_saves=max_failed_saves, on_saved=self._on_saved,
             check_state=self._check, check_config=check_config,
-            allow_config_change=allow_config_change,
+            allow_config_change=allow_config_change, live=self._shared_state,
             lease=Lease(store.storage, run_identity(), lease_timeout)
             if lease_timeout and rank == self.strategy.writer_rank else None)
         self.memory = None if memory_every_steps is None else MemoryTier(
@@ -326,10 +326,14 @@ class CheckpointManager:
 
     def _state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(state shared by all ranks, this rank's own) of the registered objects."""
-        shared = {n: self._state_of(o) for n, o in self.objects.items() if n not in self.per_rank}
+        shared = self._shared_state()
         mine = {n: self.objects[n].state_dict() for n in self.per_rank}
         mine[RNG] = capture_rng()
         return shared, mine
+
+    def _shared_state(self) -> dict[str, Any]:
+        """The state shared by all ranks of the registered objects (their live tensors)."""
+        return {n: self._state_of(o) for n, o in self.objects.items() if n not in self.per_rank}
 
     def _state_of(self, obj: Any) -> Any:
         if isinstance(obj, torch.nn.Module):
@@ -485,13 +489,18 @@ class CheckpointManager:
         self._check_shutdown_budget()
         self.agree()
         every = self.policy.save_every_steps
-        if epoch_ends and self.epoch_save_due(self.epoch):
+        if epoch_ends and self.epoch_save_due(self.epoch) or ending:
             return
-        if every and step % every == 0 and self._saved_step != step and not ending:
-            self.save(step)
-        if (self.memory is not None and not ending
-                and self.memory.due(step, time.perf_counter())):
+        durable = bool(every) and step % every == 0 and self._saved_step != step
+        if self.memory is not None and (self.memory.due(step, time.perf_counter()) or durable):
             self.snapshot(step)
+            if durable and self.memory.persistable and self.strategy.writer_rank == 0:
+                # the durable checkpoint is written from the snapshot: one copy of the state
+                self.checkpointer.save_from(step, self.memory.persisted(step))
+                self._saved_step = step
+                return
+        if durable:
+            self.save(step)
 
     def epoch_save_due(self, epoch: int) -> bool:
         """Whether :meth:`epoch_done` of ``epoch`` saves (``save_every_epochs``). Local."""

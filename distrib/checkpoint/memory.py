@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import socket
@@ -37,18 +38,24 @@ from typing import Any
 
 import torch
 
-from distrib.checkpoint.checkpointer import Checkpointer, ConfigCheck
+from distrib.checkpoint.checkpointer import Checkpointer, ConfigCheck, Persisted
 from distrib.checkpoint.format import InvalidCheckpoint, Meta
 from distrib.checkpoint.serialization import (
     FlatBuffer,
     Layout,
+    ViewSource,
     flatten_state,
     plan_layout,
     unflatten_state,
     unpack,
 )
 from distrib.checkpoint.storage import LocalStorage
-from distrib.checkpoint.store import CheckpointInfo, CheckpointStore, CorruptCheckpoint
+from distrib.checkpoint.store import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointStore,
+    CorruptCheckpoint,
+)
 from distrib.runtime import dist
 
 log = logging.getLogger(__name__)
@@ -131,6 +138,9 @@ class MemoryTier:
             slots=SLOTS, on_saved=self._on_saved, label="memory snapshot")
         self._last_step_time: tuple[float, int] | None = None
         self._cost = (0.0, 0.0)
+        #: every rank: whether rank 0 wrote the last snapshot with no failure in its streak (a
+        #: durable checkpoint of that step can then be persisted from it, see :meth:`persisted`)
+        self.persistable = False
 
     # ------------------------------------------------------------------ ownership and space
 
@@ -201,9 +211,11 @@ class MemoryTier:
     def _gather(self, mine: Any) -> list[Any]:
         """The checkpointer's gather: every rank's per-rank state to every rank, with every
         rank's measurements (which re-choose the ``auto`` interval). Collective."""
-        both = dist.all_gather_objects((mine, self._cost))
-        self.choose([cost for _, cost in both])
-        return [m for m, _ in both]
+        writing = self.writer and self.checkpointer.writer and self.failures == 0
+        both = dist.all_gather_objects((mine, self._cost, writing))
+        self.choose([cost for _, cost, _ in both])
+        self.persistable = bool(both[0][2])
+        return [m for m, _, _ in both]
 
     def _measurements(self, now: float, step: int) -> tuple[float, float]:
         """(seconds per step since the last snapshot, the last snapshot's training stall)."""
@@ -239,6 +251,36 @@ class MemoryTier:
         if self.failures >= 3:
             log.warning("memory tier off on this node after 3 failed snapshots in a row")
             self.checkpointer.writer = False
+
+    def persisted(self, step: int) -> Callable[[], Persisted]:
+        """Rank 0, right after :meth:`save` of ``step`` (when :attr:`persistable`): a function
+        that waits for that snapshot's commit and opens it (its shard files mapped, not copied)
+        for a durable write; it raises CheckpointError if the snapshot did not commit. Called on
+        the durable writer's background thread."""
+        wait = self.checkpointer.waiter()
+
+        def open_snapshot() -> Persisted:
+            wait()
+            info = self.store.inspect(step)
+            if not info.committed or info.status != "valid" or info.manifest is None:
+                raise CheckpointError(f"the memory snapshot of step {step} was not committed "
+                                      "(see its warning); nothing to persist")
+            skeleton, layout = self.store.layout(info)
+            maps = []
+            try:
+                for entry in info.manifest.shards:
+                    with open(os.path.join(self.path, info.name, entry.name), "rb") as f:
+                        maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                                    if entry.size else None)
+            except BaseException:
+                _close(maps)
+                raise
+            views = [memoryview(m) if m is not None else memoryview(b"") for m in maps]
+            return Persisted(ViewSource(views), layout, skeleton, info.manifest.meta,
+                             [e.checksum for e in info.manifest.shards],
+                             lambda: _close(maps),
+                             describe(self.host, self.path, info.name))
+        return open_snapshot
 
     # ------------------------------------------------------------------ resuming
 
@@ -300,6 +342,16 @@ def share(snapshot: Snapshot | None, src: int) -> tuple[dict[str, Any], int]:
     assert isinstance(layout, Layout)
     flat = dist.broadcast_bytes(flat, layout.total, src)
     return unflatten_state(skeleton, unpack(flat, layout)), int(epoch)
+
+
+def _close(maps: list[mmap.mmap | None]) -> None:
+    """Unmap (a map still exported to a live view is left to the garbage collector)."""
+    for m in maps:
+        try:
+            if m is not None:
+                m.close()
+        except BufferError:
+            pass
 
 
 def describe(host: str, path: str, name: str) -> str:

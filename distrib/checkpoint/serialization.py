@@ -246,7 +246,25 @@ class _Spans:
         return out
 
 
-class TensorSource(_Spans):
+class _SpanSource(_Spans):
+    """A :class:`ByteSource` over spans of memory that already hold the stream's bytes (padding
+    reads as zeros)."""
+
+    def __init__(self, spans: list[tuple[int, memoryview]], total: int) -> None:
+        super().__init__(spans)
+        self.total = total
+
+    def prepare(self) -> None:
+        """Nothing to wait for: the bytes are there."""
+
+    def segments(self, start: int, stop: int) -> list[memoryview]:
+        """:class:`ByteSource`: slices of the spans, and zeros for padding."""
+        if not 0 <= start <= stop <= self.total:
+            raise ValueError(f"bytes [{start}, {stop}) are outside the stream of {self.total}")
+        return self._cover(start, stop, _ZEROS)
+
+
+class TensorSource(_SpanSource):
     """The stream of ``layout`` read from the tensors themselves: no snapshot copy.
 
     CPU tensors that are contiguous are used in place; any other tensor (on a device, or
@@ -263,17 +281,19 @@ class TensorSource(_Spans):
             if t.device.type != "cpu" or not t.is_contiguous():
                 t = t.detach().to("cpu").contiguous()
             spans.append((entry.offset, _bytes_of(t)))
-        super().__init__(spans)
-        self.total = layout.total
+        super().__init__(spans, layout.total)
 
-    def prepare(self) -> None:
-        """Nothing to wait for: the bytes are the tensors'."""
 
-    def segments(self, start: int, stop: int) -> list[memoryview]:
-        """:class:`ByteSource`: slices of the tensors' memory, and zeros for padding."""
-        if not 0 <= start <= stop <= self.total:
-            raise ValueError(f"bytes [{start}, {stop}) are outside the stream of {self.total}")
-        return self._cover(start, stop, _ZEROS)
+class ViewSource(_SpanSource):
+    """The stream held by byte buffers laid end to end (a committed checkpoint's shard files,
+    mapped into memory): no copy."""
+
+    def __init__(self, views: list[memoryview]) -> None:
+        spans, offset = [], 0
+        for view in views:
+            spans.append((offset, view))
+            offset += len(view)
+        super().__init__(spans, offset)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -282,19 +302,24 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 
 class TensorSink(_Spans):
-    """Freshly allocated tensors for ``layout`` (each with its own storage), and the byte
-    segments a range of the stream must be read into (see :meth:`segments`).
+    """Tensors for ``layout`` (each with its own storage), and the byte segments a range of the
+    stream must be read into (see :meth:`segments`).
 
-    With ``wanted``, only those tensor indices are allocated; the others are None and their bytes
-    go to scratch memory (they must still be read to verify a shard's checksum).
+    With ``wanted``, only those tensor indices get a tensor; the others are None and their bytes
+    go to scratch memory (they must still be read to verify a shard's checksum). ``targets``
+    (from :func:`live_targets`) are existing tensors that receive their entry's bytes in place;
+    every other tensor is freshly allocated.
     """
 
     SCRATCH = 8 << 20
 
-    def __init__(self, layout: Layout, wanted: set[int] | None = None) -> None:
+    def __init__(self, layout: Layout, wanted: set[int] | None = None,
+                 targets: dict[int, torch.Tensor] | None = None) -> None:
         self.layout = layout
+        targets = targets or {}
         self.tensors: list[torch.Tensor | None] = [
-            torch.empty(e.shape, dtype=_dtype(e.dtype)) if wanted is None or i in wanted else None
+            None if wanted is not None and i not in wanted
+            else targets[i] if i in targets else torch.empty(e.shape, dtype=_dtype(e.dtype))
             for i, e in enumerate(layout.entries)]
         super().__init__([(e.offset, _bytes_of(t)) for e, t in zip(layout.entries, self.tensors)
                           if t is not None and e.nbytes])
@@ -312,6 +337,68 @@ class TensorSink(_Spans):
         consume (checksum) each segment as soon as it is filled."""
         scratch = memoryview(bytearray(min(self.SCRATCH, max(stop - start, 0))))
         return self._cover(start, stop, scratch)
+
+
+def live_targets(skeleton: Any, layout: Layout, live: Any) -> dict[int, torch.Tensor]:
+    """The tensors of ``live`` (a state tree like the saved one, e.g. the live model's and
+    optimizer's state dicts) that can receive the bytes of the saved tensor at the same place in
+    ``skeleton`` in place: CPU, contiguous, the same dtype and shape. Tensors whose memory
+    overlaps another target's (tied weights) are left out, so that no two reads write the same
+    memory. Reading into them is what ``dcp.load`` does: no allocation, one copy."""
+    found: list[tuple[int, torch.Tensor]] = []
+
+    def fits(t: Any, i: Any) -> bool:
+        if not (isinstance(t, torch.Tensor) and isinstance(i, int) and 0 <= i < len(
+                layout.entries)):
+            return False
+        e = layout.entries[i]
+        return (t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous()
+                and str(t.dtype).removeprefix("torch.") == e.dtype and tuple(t.shape) == e.shape
+                and e.nbytes > 0)
+
+    def walk(saved: Any, obj: Any, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            return
+        if isinstance(saved, list) and isinstance(obj, list):
+            for s, o in zip(saved, obj):
+                walk(s, o, depth + 1)
+            return
+        if not isinstance(saved, dict):
+            return
+        if len(saved) == 1:
+            (tag, value), = saved.items()
+            if tag == "__tensor__":
+                if fits(obj, value):
+                    found.append((value, obj.detach()))
+                return
+            if tag == "__tuple__" and isinstance(obj, tuple) and isinstance(value, list):
+                walk(value, list(obj), depth + 1)
+                return
+            if tag == "__dict__" and isinstance(obj, dict) and isinstance(value, list):
+                for pair in value:
+                    key = _plain_key(pair[0] if isinstance(pair, list) and len(pair) == 2
+                                     else None)
+                    if key is not None and key in obj:
+                        walk(pair[1], obj[key], depth + 1)
+                return
+        if isinstance(obj, dict):
+            for key, s in saved.items():
+                if key in obj:
+                    walk(s, obj[key], depth + 1)
+
+    walk(skeleton, live, 0)
+    targets: dict[int, torch.Tensor] = {}
+    end = -1
+    for i, t in sorted(found, key=lambda pair: pair[1].data_ptr()):
+        if t.data_ptr() >= end and i not in targets:
+            targets[i] = t
+            end = t.data_ptr() + t.numel() * t.element_size()
+    return targets
+
+
+def _plain_key(key: Any) -> Any:
+    """A saved dict key that is a plain int or string (an optimizer's state keys), else None."""
+    return key if isinstance(key, (int, str)) and not isinstance(key, bool) else None
 
 
 def tensor_indices(skeleton: Any) -> set[int]:

@@ -35,7 +35,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import xxhash
@@ -57,6 +57,7 @@ from distrib.checkpoint.serialization import (
     TensorSink,
     TensorSource,
     flatten_state,
+    live_targets,
     plan_layout,
     tensor_indices,
     unflatten_state,
@@ -172,13 +173,16 @@ class CheckpointStore:
         return valid[-1] if valid else None
 
     def write(self, step: int, source: ByteSource, layout: Layout, skeleton: Any,
-              meta: Meta | Mapping[str, Any] | None, *, replace: bool = False) -> CheckpointInfo:
+              meta: Meta | Mapping[str, Any] | None, *, replace: bool = False,
+              expected: Sequence[str] | None = None) -> CheckpointInfo:
         """Write and commit checkpoint ``step``.
 
         ``source`` holds ``layout``'s bytes; ``skeleton`` is the JSON-able rest of the state;
         ``meta`` goes into the manifest (epoch, metric, config ...). An *invalid* committed
         checkpoint of the same step is garbage to every reader and is replaced; a valid one
         raises FileExistsError (another writer won), unless ``replace`` says to replace it too.
+        ``expected``: the shards' checksums when the bytes are a copy of a checkpoint with the
+        same shard size; any difference is a CorruptCheckpoint before the commit.
         """
         if not isinstance(meta, Meta):
             meta = Meta.parse(dict(meta or {}), "checkpoint metadata")
@@ -195,6 +199,9 @@ class CheckpointStore:
         staged = f".{final}.tmp-{token}" if self.storage.supports_rename else final
         try:
             manifest = self._write_files(step, staged, token, source, layout, skeleton, meta)
+            if expected is not None and [f.checksum for f in manifest.shards] != list(expected):
+                raise CorruptCheckpoint(f"{final}: the bytes copied differ from their source's "
+                                        "checksums (its memory changed or was damaged)")
             self.storage.write_new(f"{staged}/{MANIFEST}", manifest.to_bytes())
             if self.storage.supports_rename:
                 self._commit_dir(staged, final, token)
@@ -310,19 +317,34 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ reading
 
-    def read(self, info: CheckpointInfo, subtree: str | None = None) -> LoadedCheckpoint:
+    def read(self, info: CheckpointInfo, subtree: str | None = None,
+             into: Any = None) -> LoadedCheckpoint:
         """Read and verify ``info``; CorruptCheckpoint on any violation.
 
         The state file's index is checked against the manifest (:class:`StateIndex`) before any
         tensor is allocated. With ``subtree`` (a top-level key of the state, e.g. ``"model"``),
         only the shards that hold its tensors are read (and verified), and only its tensors are
         materialised.
+
+        ``into``: the live objects' state, shaped like the saved one (whole reads only). Its
+        CPU tensors that match a saved tensor at the same place receive the bytes in place
+        (:func:`live_targets`: no allocation, and loading them afterwards copies nothing), and
+        the loaded state holds those very tensors. **When the read raises, they hold a partial
+        state**: a caller must then load another checkpoint into them, or stop.
         """
         index, skeleton = self._index(info, subtree)
-        sink = TensorSink(Layout(index.tensors, index.total),
-                          None if subtree is None else tensor_indices(skeleton))
+        layout = Layout(index.tensors, index.total)
+        sink = TensorSink(layout, None if subtree is None else tensor_indices(skeleton),
+                          live_targets(skeleton, layout, into)
+                          if into is not None and subtree is None else None)
         self._read_shards(info, sink, all_shards=subtree is None)
         return LoadedCheckpoint(info, skeleton, sink.tensors)  # type: ignore[arg-type]
+
+    def layout(self, info: CheckpointInfo) -> tuple[Any, Layout]:
+        """The skeleton and the tensor layout of ``info`` (its state file read, verified and
+        checked against the manifest); CorruptCheckpoint on any violation."""
+        index, skeleton = self._index(info, None)
+        return skeleton, Layout(index.tensors, index.total)
 
     def verify(self, info: CheckpointInfo) -> None:
         """Check every file's size and checksum and the tensor index, without keeping any
