@@ -44,7 +44,7 @@ Resume = Literal["fixed", "logged", "ignored"]
 def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None,
          metavar: str | None = None, fingerprint: bool = True, flag: str | None = None,
          lo: float | None = None, hi: float | None = None, gt: float | None = None,
-         resume: Resume = "logged") -> Any:
+         resume: Resume = "logged", steps: bool = False) -> Any:
     """Declare an option: its default, help text, allowed choices and range.
 
     ``fingerprint=False`` marks options that do not change the training trajectory (paths,
@@ -53,10 +53,12 @@ def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None,
     different value on resume means (:func:`resume_differences`): ``fixed`` options shape the
     model, the data, the optimizer or the seed (an error unless ``--allow-config-change``),
     ``logged`` ones may change between launches, ``ignored`` ones belong to one launch.
+    ``steps``: a string option that holds a number of steps or a word (``auto``); an int given
+    in Python becomes its string.
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None,
             "metavar": metavar, "fingerprint": fingerprint, "flag": flag, "lo": lo, "hi": hi,
-            "gt": gt, "resume": resume}
+            "gt": gt, "resume": resume, "steps": steps}
     if isinstance(default, (dict, list)):
         return field(default_factory=functools.partial(type(default), default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -95,6 +97,8 @@ def _check_fields(section: Any) -> None:
         base, optional = _field_type(f)
         if value is None and optional:
             continue
+        if f.metadata["steps"] and type(value) is int:
+            value = str(value)
         value = _check_type(f.name, base, value)
         object.__setattr__(section, f.name, value)
         meta = f.metadata
@@ -244,8 +248,11 @@ class CheckpointConfig:
     checkpoint_dir: str = _opt("./checkpoints", "checkpoint location: a local path or an fsspec "
                                "URL (file://, s3://bucket/prefix, memory://)", metavar="URL",
                                fingerprint=False)
-    save_every_steps: int = _opt(0, "checkpoint every N optimizer steps (0: off)",
-                                 fingerprint=False, lo=0, hi=_BIG)
+    save_every_steps: str = _opt("0", "checkpoint every N optimizer steps (0: off), or 'auto': "
+                                 "the interval that minimises lost work plus checkpoint "
+                                 "overhead (Young/Daly, from the measured save cost and the "
+                                 "time between failures, see --mtbf-hours)", metavar="N|auto",
+                                 fingerprint=False, steps=True)
     save_every_epochs: int = _opt(1, "checkpoint at the end of every N epochs (0: off; the last "
                                   "epoch is always saved)", fingerprint=False, lo=0, hi=_BIG)
     keep_last: int = _opt(3, "keep the newest K checkpoints", fingerprint=False, lo=1, hi=10**6)
@@ -278,11 +285,12 @@ class CheckpointConfig:
                                    "(Young/Daly from the measured snapshot cost and "
                                    "--mtbf-hours), or 'off'; a restarted worker resumes from it "
                                    "without reading --checkpoint-dir", metavar="N|auto|off",
-                                   fingerprint=False)
+                                   fingerprint=False, steps=True)
     memory_dir: str = _opt("/dev/shm", "the node-local tmpfs directory of the memory tier",
                            metavar="DIR", fingerprint=False, resume="ignored")
-    mtbf_hours: float = _opt(4.0, "expected hours between failures, for --memory-every-steps "
-                             "auto", fingerprint=False, gt=0, hi=10**6)
+    mtbf_hours: float = _opt(4.0, "expected hours between failures, for the 'auto' intervals "
+                             "(combined with the failures this run's records show)",
+                             fingerprint=False, gt=0, hi=10**6)
     storage_options: dict[str, str] = _opt({}, "an fsspec storage option KEY=VALUE (repeatable; "
                                            "values are parsed as JSON when they can be)",
                                            metavar="KEY=VALUE", fingerprint=False,
@@ -299,18 +307,32 @@ class CheckpointConfig:
         if self.memory_steps() == -1:
             _fail("memory_every_steps", f"must be a number of steps >= 1, auto or off (got "
                   f"{self.memory_every_steps!r})")
+        if self.save_steps() == -1:
+            _fail("save_every_steps", f"must be a number of steps >= 0 or auto (got "
+                  f"{self.save_every_steps!r})")
         if not self.memory_dir.strip() or "\0" in self.memory_dir:
             _fail("memory_dir", "must name a directory")
 
     def memory_steps(self) -> int | None:
         """--memory-every-steps as the checkpoint manager takes it: None (off), 0 (auto) or N
         (-1: not valid)."""
-        text = self.memory_every_steps.strip().lower()
-        if text in ("off", "none", "0"):
-            return None
-        if text == "auto":
-            return 0
-        return int(text) if text.isdigit() and 1 <= int(text) <= _BIG else -1
+        steps = _steps(self.memory_every_steps)
+        return None if steps == 0 else 0 if steps == "auto" else steps
+
+    def save_steps(self) -> int | Literal["auto"]:
+        """--save-every-steps as the checkpoint manager takes it: N (0: off) or "auto" (-1: not
+        valid)."""
+        return _steps(self.save_every_steps)
+
+
+def _steps(text: str) -> int | Literal["auto"]:
+    """A number of steps (0: off, also spelled off or none), "auto", or -1 (not valid)."""
+    text = text.strip().lower()
+    if text in ("off", "none"):
+        return 0
+    if text == "auto":
+        return "auto"
+    return int(text) if text.isdigit() and int(text) <= _BIG else -1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -24,6 +24,7 @@ from distrib.checkpoint.memory import tier_path, young_daly_steps
 from distrib.checkpoint.serialization import TensorSource, plan_layout
 from distrib.checkpoint.storage import LocalStorage
 from distrib.checkpoint.store import CheckpointStore, CorruptCheckpoint
+from distrib.records.events import estimate_mtbf, observed_failures
 
 from .conftest import REPO, LoggedJob, free_port
 from .test_own_loop import _loop
@@ -213,9 +214,42 @@ def test_young_daly_interval() -> None:
     assert young_daly_steps(10.0, 1e-9, 1e9, most=1000) == 1000
 
 
+def test_the_failures_in_the_run_records_set_the_expected_time_between_failures() -> None:
+    def launch(start: float, end: float, status: str | None) -> list[dict[str, object]]:
+        last = {"kind": "end", "time": end, "status": status} if status else {
+            "kind": "step", "time": end}
+        return [{"kind": "start", "time": start}, last]
+    segments = [launch(0, 100, None), launch(110, 300, "failed"), launch(310, 400, "preempted"),
+                launch(410, 500, "finished")]
+    assert observed_failures(segments) == (470.0, 2)  # killed silently, and failed
+    assert estimate_mtbf((470.0, 2), 3600.0) == pytest.approx((470 + 3600) / 3)
+    assert estimate_mtbf((0.0, 0), 3600.0) == 3600.0
+
+
+def test_auto_durable_interval_is_chosen_from_the_measured_cost_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="distrib.checkpoint.manager")
+    ref, m = _loop(tmp_path / "ref", 40)
+    m.close()
+    _, m = _loop(tmp_path / "ck", 40, stop_at=35, save_every_steps="auto", lease_timeout=0,
+                 mtbf_seconds=1.0)
+    m.close("failed")
+    chosen = re.findall(r"checkpoint every (\d+) steps \(auto: save stall", caplog.text)
+    assert chosen, caplog.text  # re-chosen from the first save's measurements, and logged
+    assert list((tmp_path / "ck").glob("step-*"))
+    caplog.clear()
+    again, m = _loop(tmp_path / "ck", 40, save_every_steps="auto", lease_timeout=0,
+                     mtbf_seconds=1.0)
+    m.close()
+    # the crash is in the records: it moves the estimate (35 s of running, one failure)
+    assert "1 failure(s)" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(_weights(ref), _weights(again)))
+
+
 def test_bad_memory_flags_are_one_line_errors(tmp_path: Path) -> None:
     for flag in (["--memory-every-steps", "sometimes"], ["--memory-every-steps", "-3"],
-                 ["--mtbf-hours", "0"]):
+                 ["--mtbf-hours", "0"], ["--save-every-steps", "often"],
+                 ["--save-every-steps", "-1"]):
         proc = subprocess.run([sys.executable, "-m", "distrib.train", *flag], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr

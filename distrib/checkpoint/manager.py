@@ -47,19 +47,26 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
 from distrib.checkpoint.checkpointer import Checkpointer, ConfigCheck, StartPlan, replay_note
 from distrib.checkpoint.format import InvalidCheckpoint, Meta, Metric
 from distrib.checkpoint.lease import Lease, run_identity
-from distrib.checkpoint.memory import DEFAULT_DIR, MemoryTier, Snapshot, describe, share
+from distrib.checkpoint.memory import (
+    DEFAULT_DIR,
+    MemoryTier,
+    Snapshot,
+    describe,
+    share,
+    young_daly_steps,
+)
 from distrib.checkpoint.serialization import flatten_state, plan_layout
 from distrib.checkpoint.statecheck import check_like, check_optimizer, check_rng
 from distrib.checkpoint.storage import open_storage, parse_options
 from distrib.checkpoint.store import CheckpointError, CheckpointStore, SaveFailedError, step_dir
-from distrib.records.events import RunRecords, default_log_dir
+from distrib.records.events import RunRecords, default_log_dir, estimate_mtbf
 from distrib.runtime import dist
 from distrib.runtime.preemption import Preempted, PreemptionHandler, shutdown_budget_problems
 from distrib.runtime.rng import capture_rng, restore_rng
@@ -68,6 +75,7 @@ from distrib.runtime.strategy import DDPStrategy, Strategy
 log = logging.getLogger(__name__)
 
 RNG = "rng"  # the per-rank key of every rank's RNG states
+AUTO_FIRST = 10  # save_every_steps="auto": the interval until a save's cost is measured
 
 
 @runtime_checkable
@@ -102,7 +110,7 @@ def _per_rank_by_default(obj: object) -> bool:
 
 @dataclass
 class _Policy:
-    save_every_steps: int = 0
+    save_every_steps: int = 0  # the interval now (auto: chosen at each save)
     save_every_epochs: int = 0
     config: Mapping[str, Any] | None = None
 
@@ -117,6 +125,10 @@ class CheckpointManager:
         per_rank: names in ``state`` whose state differs per rank (default: the data loaders,
             samplers and iterable datasets among them).
         save_every_steps, save_every_epochs: periodic saves (0: off); :meth:`finish` always saves.
+            ``save_every_steps="auto"``: the interval that minimises expected lost work plus
+            checkpoint overhead (Young/Daly), re-chosen at every save from the measured save
+            cost and step time and the time between failures (``mtbf_seconds``, combined with
+            the failures the run records show); each change is logged with its numbers.
         keep_last, keep_best, mode: retention (``keep_best`` by the metric given to the saves).
         async_save: write in the background after an in-memory snapshot.
         config: the run's settings (JSON-able), saved in every manifest and compared on resume:
@@ -139,7 +151,9 @@ class CheckpointManager:
             the newest state of any tier and node; durable storage is read only when no node
             has a usable snapshot at least as new.
         memory_dir: the node-local tmpfs directory of the memory tier.
-        mtbf_seconds: the expected time between failures, for ``auto`` intervals.
+        mtbf_seconds: the expected time between failures, for ``auto`` intervals (combined with
+            the failures this run's records show: see
+            :func:`~distrib.records.events.estimate_mtbf`).
 
     Objects registered as per-rank may define ``check_rank_states(states)`` and
     ``load_rank_states(states, rank, world)`` to see every rank's saved entry at once (to check
@@ -147,7 +161,8 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str, state: Mapping[str, Any], *,
-                 per_rank: Iterable[str] | None = None, save_every_steps: int = 0,
+                 per_rank: Iterable[str] | None = None,
+                 save_every_steps: int | Literal["auto"] = 0,
                  save_every_epochs: int = 0, keep_last: int = 3, keep_best: int = 0,
                  mode: str = "min", async_save: bool = True, shard_size_mb: float = 256.0,
                  max_failed_saves: int = 3, lease_timeout: float = 60.0,
@@ -174,7 +189,10 @@ class CheckpointManager:
         self.strategy = strategy or DDPStrategy()
         self.resume_mode, self.force_restart = resume, force_restart
         self.options = dict(storage_options or {})
-        self.policy = _Policy(save_every_steps, save_every_epochs, config)
+        self.auto_save = save_every_steps == "auto"
+        self.policy = _Policy(AUTO_FIRST if save_every_steps == "auto" else save_every_steps,
+                              save_every_epochs, config)
+        self.mtbf_seconds = mtbf_seconds
         self.log_dir = None if log_dir is None else default_log_dir(directory, log_dir)
         self.tensorboard = tensorboard
         self.handle_signals = handle_signals and preemption is None
@@ -207,6 +225,7 @@ class CheckpointManager:
         self._hooks: list[Any] = []
         self._open = False
         self._started: float | None = None  # set by resume() until the first step_done()
+        self._save_clock = (time.perf_counter(), 0)  # (time, step) of the last step save
 
     # ------------------------------------------------------------------ starting
 
@@ -249,12 +268,54 @@ class CheckpointManager:
             else:
                 self.memory.check_space(self._state_bytes())
         marker = self._open_records(plan, source) if plan.kind != "complete" else None
+        self._estimate_mtbf()
         note = replay_note(plan, marker, self.step)
         if plan.name and self.log_progress and dist.rank() == self.strategy.writer_rank:
             log.info("resumed from %s: step %d%s", source, self.step, note)
         self._started = time.perf_counter()
+        self._save_clock = (self._started, self.step)
         return Resume(self.step, self.epoch, plan.kind == "complete", source,
                       tuple(plan.skipped), saved_at, note, plan.message)
+
+    def _estimate_mtbf(self) -> None:
+        """With an ``auto`` interval: the expected time between failures from ``mtbf_seconds``
+        and the failures in the run records (rank 0 reads them), the same on every rank.
+        Collective when an interval is ``auto``."""
+        if not (self.auto_save or self.memory is not None and self.memory.auto):
+            return
+        mtbf = estimate_mtbf(self.records.observed, self.mtbf_seconds)
+        seconds, failures = self.records.observed
+        if failures and dist.rank() == 0:
+            log.info("auto intervals: expected time between failures %.0fs (%d failure(s) in "
+                     "%.0fs of this run's records, with the given %.0fs counted as one more)",
+                     mtbf, failures, seconds, self.mtbf_seconds)
+        self.mtbf_seconds = float(dist.broadcast_object(mtbf))
+        if self.memory is not None:
+            self.memory.mtbf_seconds = self.mtbf_seconds
+
+    def _choose_save_interval(self, step: int) -> None:
+        """After a save with ``save_every_steps="auto"``: rank 0 re-chooses the interval from
+        its step time since the last save, this save's training-thread stall and the last
+        write's duration (Young/Daly, but never so short that writes queue up: at least 1.5
+        writes' time); every rank takes it. Collective."""
+        now = time.perf_counter()
+        then, self._save_clock = self._save_clock, (now, step)
+        chosen = self.policy.save_every_steps
+        if dist.rank() == 0 and step > then[1]:
+            step_s = (now - then[0]) / (step - then[1])
+            cfg = self.checkpointer
+            chosen = max(young_daly_steps(cfg.stall_seconds, step_s, self.mtbf_seconds),
+                         math.ceil(1.5 * cfg.last_save_seconds / step_s))
+            if chosen != self.policy.save_every_steps:
+                log.info("checkpoint every %d steps (auto: save stall %.3fs, last write %.2fs, "
+                         "%.3fs per step, expected time between failures %.0fs)", chosen,
+                         cfg.stall_seconds, cfg.last_save_seconds, step_s, self.mtbf_seconds)
+        self.policy.save_every_steps = int(dist.broadcast_object(chosen))
+
+    @property
+    def save_interval(self) -> int:
+        """The step-save interval now (0: off; with ``auto``, the one chosen last). Local."""
+        return self.policy.save_every_steps
 
     def _memory_snapshots(self) -> tuple[Snapshot | None, list[tuple[int, str]]]:
         """This node's newest usable memory snapshot, and every rank's (step or -1, host).
@@ -498,9 +559,10 @@ class CheckpointManager:
                 # the durable checkpoint is written from the snapshot: one copy of the state
                 self.checkpointer.save_from(step, self.memory.persisted(step))
                 self._saved_step = step
-                return
-        if durable:
+        if durable and self._saved_step != step:
             self.save(step)
+        if durable and self.auto_save:
+            self._choose_save_interval(step)
 
     def epoch_save_due(self, epoch: int) -> bool:
         """Whether :meth:`epoch_done` of ``epoch`` saves (``save_every_epochs``). Local."""

@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from distrib.checkpoint.format import InvalidCheckpoint, load_json
 from distrib.checkpoint.storage import Storage, open_storage
@@ -226,6 +226,9 @@ class RunRecords:
         self.segment: _Segment | None = None
         self.tb: _TensorBoard | None = None
         self._last: tuple[float, int] | None = None  # (time, step) of the last step record
+        #: (seconds, failures) of the earlier launches, read at :meth:`start` (see
+        #: :func:`observed_failures`)
+        self.observed: tuple[float, int] = (0.0, 0)
 
     @classmethod
     def open(cls, url: str, options: Mapping[str, Any], *, rank: int, tensorboard: bool,
@@ -285,6 +288,7 @@ class RunRecords:
             log.warning("run records: cannot read the earlier records (%s: %s)",
                         type(exc).__name__, exc)
             return None
+        self.observed = observed_failures(segments)
         if not segments:
             return None
         records = segments[-1]
@@ -366,6 +370,26 @@ class RunRecords:
             if urgent and self.tb.staging is None:  # local: flushing the event file is cheap
                 self.segment._guard("write TensorBoard events to", tb.flush)
             # remote: the segment's background rewrite, which urgent records trigger, uploads
+
+
+def observed_failures(segments: Sequence[list[dict[str, Any]]]) -> tuple[float, int]:
+    """(seconds the launches of ``segments`` ran, how many of them ended in a failure that loses
+    work: killed without a word, or ``failed``; a preemption with notice loses nothing)."""
+    seconds, failures = 0.0, 0
+    for records in segments:
+        seconds += max(0.0, float(records[-1]["time"]) - float(records[0]["time"]))
+        last = records[-1]
+        if not (last["kind"] == "end" and last.get("status") in ("finished", "preempted")):
+            failures += 1
+    return seconds, failures
+
+
+def estimate_mtbf(observed: tuple[float, int], given_seconds: float) -> float:
+    """The expected time between failures: the run's observed record with the given value
+    counted as one more interval, ``(seconds + given) / (failures + 1)`` (the given value alone
+    when nothing was observed; it moves toward the observed rate as failures accumulate)."""
+    seconds, failures = observed
+    return (max(0.0, seconds) + given_seconds) / (max(0, failures) + 1)
 
 
 def resume_marker(previous: Mapping[str, Any], step: int,

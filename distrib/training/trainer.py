@@ -266,7 +266,7 @@ class Trainer:
             state["data"] = trainstate.StreamPosition(self, progress)
         return self.manager_class(
             c.checkpoint_dir, state, per_rank=[k for k in ("train_loss", "data") if k in state],
-            save_every_steps=c.save_every_steps, save_every_epochs=c.save_every_epochs,
+            save_every_steps=c.save_steps(), save_every_epochs=c.save_every_epochs,
             keep_last=c.keep_last, keep_best=c.keep_best, mode=cfg.early_stop.mode,
             async_save=c.async_save, shard_size_mb=c.shard_size_mb,
             max_failed_saves=c.max_failed_saves, lease_timeout=c.lease_timeout,
@@ -408,7 +408,7 @@ class Trainer:
                     progress.set_postfix(loss=f"{self._running_loss():.4f}")
                 # whether this step ends the epoch matters only when a step save is due that the
                 # epoch's own save would repeat; only then look ahead (a collective)
-                every = cfg.ckpt.save_every_steps
+                every = self.manager.save_interval
                 last = bool(every) and self.global_step % every == 0 \
                     and self.manager.epoch_save_due(self.epoch + 1) and stream.is_last()
                 if self._step_boundary(last_of_epoch=last):
