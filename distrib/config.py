@@ -559,6 +559,11 @@ def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     if value is None and optional:
         return None
     origin = typing.get_origin(base)
+    if f.metadata["steps"] and type(value) is not str:  # save-every-steps = 200
+        if type(value) is int:
+            return str(value)
+        raise ConfigError(f"{where}: expected a number of steps or a word (auto, off), got "
+                          f"{value!r}")
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if base in (int, str, bool) and type(value) is base:

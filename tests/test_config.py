@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from distrib.config import OPTION_INDEX, Config, ConfigError, build_parser, flag_name, parse_args
+from distrib.config import (
+    OPTION_INDEX,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    build_parser,
+    flag_name,
+    parse_args,
+)
 
 
 def test_defaults_are_valid_and_documented() -> None:
@@ -35,8 +43,24 @@ def test_toml_file_then_command_line_override(tmp_path: Path) -> None:
     assert config.train.task_args == {"hidden": "8"}
 
 
+def test_step_intervals_are_numbers_or_auto_in_a_file_on_the_command_line_and_in_python(
+        tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('save-every-steps = 200\nmemory-every-steps = 20\n')
+    config = parse_args(["--config", str(path)])
+    assert config.ckpt.save_steps() == 200 and config.ckpt.memory_steps() == 20
+    path.write_text('save-every-steps = "auto"\nmemory-every-steps = "auto"\n')
+    config = parse_args(["--config", str(path)])
+    assert config.ckpt.save_steps() == "auto" and config.ckpt.memory_steps() == 0
+    config = parse_args(["--save-every-steps", "0", "--memory-every-steps", "off"])
+    assert config.ckpt.save_steps() == 0 and config.ckpt.memory_steps() is None
+    assert CheckpointConfig(save_every_steps=50).save_steps() == 50  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("content, message", [
     ("lr = ", "not valid TOML"),
+    ("save-every-steps = -5", "--save-every-steps: must be a number of steps >= 0 or auto"),
+    ("save-every-steps = 2.5", "save-every-steps: expected a number of steps or a word"),
     ("max_epoch = 3", "unknown option 'max_epoch' (did you mean --max-epochs?)"),
     ('lr = "fast"', "lr: expected a number"),
     ("[optim]\nmax_epochs = 3", "unknown option 'max_epochs' in [optim]"),

@@ -578,6 +578,8 @@ class CheckpointManager:
         self.agree(due=True)
         every = self.policy.save_every_epochs
         if every and epoch % every == 0 and self._saved_step != self.step and not ending:
+            if self.memory is not None:  # the memory tier is never older than the durable one
+                self.snapshot(self.step)
             self.save(self.step, metric=metric, metric_name=metric_name)
 
     def agree(self, due: bool = False) -> None:
