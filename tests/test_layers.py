@@ -19,6 +19,7 @@ LAYERS = [
     ("distrib.tasks", 1),
     ("distrib.checkpoint", 2),
     ("distrib.checkpoint.store", 3),
+    ("distrib.checkpoint.interval", 3),
     ("distrib.checkpoint.lease", 3),
     ("distrib.checkpoint.checkpointer", 3),
     ("distrib.checkpoint.memory", 3),

@@ -53,6 +53,7 @@ import torch
 
 from distrib.checkpoint.checkpointer import Checkpointer, ConfigCheck, StartPlan, replay_note
 from distrib.checkpoint.format import InvalidCheckpoint, Meta, Metric
+from distrib.checkpoint.interval import AutoInterval
 from distrib.checkpoint.lease import Lease, run_identity
 from distrib.checkpoint.memory import (
     DEFAULT_DIR,
@@ -60,7 +61,6 @@ from distrib.checkpoint.memory import (
     Snapshot,
     describe,
     share,
-    young_daly_steps,
 )
 from distrib.checkpoint.serialization import flatten_state, plan_layout
 from distrib.checkpoint.statecheck import check_like, check_optimizer, check_rng
@@ -193,6 +193,7 @@ class CheckpointManager:
         self.policy = _Policy(AUTO_FIRST if save_every_steps == "auto" else save_every_steps,
                               save_every_epochs, config)
         self.mtbf_seconds = mtbf_seconds
+        self.auto_interval = AutoInterval("checkpoint", AUTO_FIRST, mtbf_seconds)
         self.log_dir = None if log_dir is None else default_log_dir(directory, log_dir)
         self.tensorboard = tensorboard
         self.handle_signals = handle_signals and preemption is None
@@ -290,27 +291,26 @@ class CheckpointManager:
                      "%.0fs of this run's records, with the given %.0fs counted as one more)",
                      mtbf, failures, seconds, self.mtbf_seconds)
         self.mtbf_seconds = float(dist.broadcast_object(mtbf))
+        self.auto_interval.mtbf_seconds = self.mtbf_seconds
         if self.memory is not None:
-            self.memory.mtbf_seconds = self.mtbf_seconds
+            self.memory.interval.mtbf_seconds = self.mtbf_seconds
 
-    def _choose_save_interval(self, step: int) -> None:
-        """After a save with ``save_every_steps="auto"``: rank 0 re-chooses the interval from
-        its step time since the last save, this save's training-thread stall and the last
-        write's duration (Young/Daly, but never so short that writes queue up: at least 1.5
-        writes' time); every rank takes it. Collective."""
+    def _choose_save_interval(self, step: int, persisted: bool) -> None:
+        """After a save with ``save_every_steps="auto"``: rank 0 re-chooses the interval
+        (:class:`~distrib.checkpoint.interval.AutoInterval`) from its step time since the last
+        save, the save's training-thread stall (the snapshot's when it was persisted from one)
+        and the last write's duration, once a write has finished; every rank takes it.
+        Collective."""
         now = time.perf_counter()
         then, self._save_clock = self._save_clock, (now, step)
-        chosen = self.policy.save_every_steps
-        if dist.rank() == 0 and step > then[1]:
-            step_s = (now - then[0]) / (step - then[1])
-            cfg = self.checkpointer
-            chosen = max(young_daly_steps(cfg.stall_seconds, step_s, self.mtbf_seconds),
-                         math.ceil(1.5 * cfg.last_save_seconds / step_s))
-            if chosen != self.policy.save_every_steps:
-                log.info("checkpoint every %d steps (auto: save stall %.3fs, last write %.2fs, "
-                         "%.3fs per step, expected time between failures %.0fs)", chosen,
-                         cfg.stall_seconds, cfg.last_save_seconds, step_s, self.mtbf_seconds)
-        self.policy.save_every_steps = int(dist.broadcast_object(chosen))
+        cfg = self.checkpointer
+        if dist.rank() == 0 and step > then[1] and cfg.last_save_seconds > 0:
+            stall = cfg.stall_seconds
+            if persisted and self.memory is not None:
+                stall += self.memory.checkpointer.stall_seconds
+            self.auto_interval.update(stall, (now - then[0]) / (step - then[1]),
+                                      cfg.last_save_seconds)
+        self.policy.save_every_steps = int(dist.broadcast_object(self.auto_interval.interval))
 
     @property
     def save_interval(self) -> int:
@@ -559,10 +559,11 @@ class CheckpointManager:
                 # the durable checkpoint is written from the snapshot: one copy of the state
                 self.checkpointer.save_from(step, self.memory.persisted(step))
                 self._saved_step = step
-        if durable and self._saved_step != step:
+        persisted = durable and self._saved_step == step
+        if durable and not persisted:
             self.save(step)
         if durable and self.auto_save:
-            self._choose_save_interval(step)
+            self._choose_save_interval(step, persisted)
 
     def epoch_save_due(self, epoch: int) -> bool:
         """Whether :meth:`epoch_done` of ``epoch`` saves (``save_every_epochs``). Local."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import mmap
 import os
 import shutil
@@ -40,6 +39,7 @@ import torch
 
 from distrib.checkpoint.checkpointer import Checkpointer, ConfigCheck, Persisted
 from distrib.checkpoint.format import InvalidCheckpoint, Meta
+from distrib.checkpoint.interval import AutoInterval
 from distrib.checkpoint.serialization import (
     FlatBuffer,
     Layout,
@@ -73,16 +73,6 @@ def tier_path(memory_dir: str, durable_url: str, run_id: str) -> str:
     """The directory of this run's snapshots under ``memory_dir``."""
     key = hashlib.sha256(f"{durable_url}\0{run_id}".encode()).hexdigest()[:16]
     return os.path.join(memory_dir, f"distrib-{key}")
-
-
-def young_daly_steps(save_seconds: float, step_seconds: float, mtbf_seconds: float,
-                     most: int = 10**6) -> int:
-    """The checkpoint interval, in steps, that minimises expected lost work plus checkpoint
-    overhead: Young/Daly, ``sqrt(2 x save cost x mean time between failures)``."""
-    if step_seconds <= 0 or not math.isfinite(step_seconds):
-        return 1
-    seconds = math.sqrt(2.0 * max(save_seconds, 0.0) * max(mtbf_seconds, 0.0))
-    return max(1, min(most, round(seconds / step_seconds)))
 
 
 @dataclass
@@ -124,10 +114,10 @@ class MemoryTier:
         self.memory_dir = memory_dir
         self.path = tier_path(memory_dir, durable_url, run_id)
         self.owner = {"run": run_id, "durable": durable_url}
-        self.every_steps = every_steps
         self.auto = every_steps <= 0
-        self.interval = every_steps if every_steps > 0 else 10  # auto: until measured
-        self.mtbf_seconds = mtbf_seconds
+        #: the interval (fixed, or ``auto``: 10 until measured, then Young/Daly)
+        self.interval = AutoInterval("memory tier: snapshot", every_steps if every_steps > 0
+                                     else 10, mtbf_seconds)
         self.check_state, self.check_config = check_state, check_config
         self.usable = self._usable()
         self.store = CheckpointStore(LocalStorage(self.path), shard_bytes=shard_bytes)
@@ -198,7 +188,7 @@ class MemoryTier:
         changes only at snapshots, from all-gathered measurements). Local."""
         if self._last_step_time is None:
             self._last_step_time = (now, step)
-        return step % self.interval == 0
+        return step % self.interval.interval == 0
 
     def save(self, step: int, shared: dict[str, Any], mine: dict[str, Any], meta: Meta,
              deferrable: list[torch.Tensor], now: float) -> None:
@@ -226,19 +216,13 @@ class MemoryTier:
 
     def choose(self, costs: list[tuple[float, float]]) -> None:
         """Every rank: the ``auto`` interval from every rank's (seconds per step, snapshot
-        stall); the same on every rank."""
+        stall), the slowest rank's of each; the same on every rank."""
         if not self.auto:
             return
         step_s = max((c[0] for c in costs), default=0.0)
         stall = max((c[1] for c in costs), default=0.0)
-        if step_s <= 0 or stall <= 0:
-            return
-        chosen = young_daly_steps(stall, step_s, self.mtbf_seconds)
-        if chosen != self.interval and self.rank == 0:
-            log.info("memory tier: snapshot every %d steps (auto: snapshot stall %.3fs, %.3fs "
-                     "per step, expected time between failures %.0fs)", chosen, stall, step_s,
-                     self.mtbf_seconds)
-        self.interval = chosen
+        if step_s > 0 and stall > 0:
+            self.interval.update(stall, step_s, announce=self.rank == 0)
 
     def _on_saved(self, step: int, seconds: float, nbytes: int,
                   error: BaseException | None) -> None:
@@ -359,5 +343,4 @@ def describe(host: str, path: str, name: str) -> str:
     return f"memory:{host}:{path}/{name}"
 
 
-__all__ = ["DEFAULT_DIR", "MemoryTier", "Snapshot", "describe", "share",
-           "tier_path", "young_daly_steps"]
+__all__ = ["DEFAULT_DIR", "MemoryTier", "Snapshot", "describe", "share", "tier_path"]
