@@ -31,6 +31,7 @@ GOALS: dict[int, tuple[str, str, float]] = {
     7: ("S3 checkpoint upload / s3fs put_file, throughput", ">=", 0.9),
     8: ("save time vs size: fitted exponent", "<=", 1.1),
     9: ("early-stop + preemption agreement time / epoch time", "<=", 0.01),
+    10: ("steps replayed per worker SIGKILL at <= 1% stall: memory tier / durable", "<=", 0.1),
     13: ("sync save / torch.distributed.checkpoint save, speed", ">=", 1.0),
     14: ("async save stall: dcp.async_save's / distrib's", ">=", 1.0),
     15: ("load into live objects / dcp.load in place, speed", ">=", 1.0),
