@@ -32,6 +32,8 @@ GOALS: dict[int, tuple[str, str, float]] = {
     8: ("save time vs size: fitted exponent", "<=", 1.1),
     9: ("early-stop + preemption agreement time / epoch time", "<=", 0.01),
     10: ("steps replayed per worker SIGKILL at <= 1% stall: memory tier / durable", "<=", 0.1),
+    11: ("relaunch to first step, resuming from memory / fresh start", "<=", 1.1),
+    12: ("node replaced, relaunch to first step: state from peer / from storage", "<=", 1.0),
     13: ("sync save / torch.distributed.checkpoint save, speed", ">=", 1.0),
     14: ("async save stall: dcp.async_save's / distrib's", ">=", 1.0),
     15: ("load into live objects / dcp.load in place, speed", ">=", 1.0),
