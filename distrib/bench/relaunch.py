@@ -5,6 +5,8 @@ from the memory tier, against the other ways it can come, on the state of figure
 * 11: a whole-job relaunch (torchrun on one node) from launch to rank 0's "first optimizer step
   done": resuming from this node's memory-tier snapshot / a fresh start (no checkpoint, no
   memory tier); resuming the same state from S3 on a loopback moto server is timed beside them.
+  Each side's rank 0 also reports its own start-up time (process group, model, resume, first
+  step), which leaves out the launcher's and the interpreter's.
 * 12: node loss: two torchrun agents ("nodes", one worker each, c10d rendezvous on loopback,
   each node its own memory directory); one node's agent and worker get a SIGKILL and a
   replacement agent with empty memory starts. Timed from starting the replacement until rank 0
@@ -99,12 +101,16 @@ def _figure_11(settings: Settings, root: str, shm: str, server: LoopbackS3) -> F
         raise prepare.fail("writing the checkpoint to S3 failed")
     store.clear_complete()  # a finished run would not resume: make it an interrupted one
     sources: dict[str, list[str]] = {"memory": [], "s3": []}
+    startup: dict[str, list[float]] = {"memory": [], "s3": [], "fresh": []}
 
-    def timed_launch(kind: str, flags: list[str], env: dict[str, str]) -> float:
+    def timed_launch(kind: str, flags: list[str], env: dict[str, str] | None = None) -> float:
         launch = Launch(flags, env=env)
         text = "".join(launch.lines)
-        sources[kind].append("memory" if FROM_MEMORY in text else
-                             "s3" if f"resumed from {url}" in text else "?")
+        found = STARTUP.search(text)
+        startup[kind].append(float(found.group(1)) if found else math.nan)
+        if kind in sources:
+            sources[kind].append("memory" if FROM_MEMORY in text else
+                                 "s3" if f"resumed from {url}" in text else "?")
         return launch.seconds
 
     fresh_runs = [0]
@@ -112,7 +118,7 @@ def _figure_11(settings: Settings, root: str, shm: str, server: LoopbackS3) -> F
     def fresh() -> float:
         fresh_runs[0] += 1
         where = os.path.join(root, f"fresh-{fresh_runs[0]}")
-        seconds = Launch([*common, "--checkpoint-dir", where]).seconds
+        seconds = timed_launch("fresh", [*common, "--checkpoint-dir", where])
         shutil.rmtree(where, ignore_errors=True)
         return seconds
 
@@ -125,8 +131,11 @@ def _figure_11(settings: Settings, root: str, shm: str, server: LoopbackS3) -> F
     return figure(11, [m / f for m, f in zip(memory, fresh_s)],
                   {"checkpoint_mb": round(mb, 1), "server": "moto (loopback)"},
                   {"memory_s": memory, "s3_s": s3, "fresh_s": fresh_s,
-                   "s3_vs_fresh": [s / f for s, f in zip(s3, fresh_s)], "resumed_from": sources},
-                  f"{mb:.0f} MB; from loopback S3 / fresh start {s3_ratio:.2f}",
+                   "s3_vs_fresh": [s / f for s, f in zip(s3, fresh_s)], "resumed_from": sources,
+                   **{f"{k}_worker_startup_s": v for k, v in startup.items()}},
+                  f"{mb:.0f} MB; loopback S3 / fresh start {s3_ratio:.2f}; rank 0's own start-up "
+                  f"{statistics.median(startup['memory']):.1f} vs "
+                  f"{statistics.median(startup['fresh']):.1f} s",
                   "" if ok else "a relaunch did not resume from where it should")
 
 
