@@ -142,7 +142,8 @@ def figure_10(settings: Settings) -> Figure:
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
-    from_memory = all(str(r["source"]).startswith("memory:") for r in runs["memory"])
+    right = all(str(r["source"]).startswith("memory:") for r in runs["memory"]) and \
+        all(r["source"] and not str(r["source"]).startswith("memory:") for r in runs["durable"])
     details = {"step_s": step_s, **{f"{k}_{v}_s": cal[f"{k}_{v}_s"] for k in runs
                                     for v in ("stall", "write")}, "phases": phases,
                "memory_replayed": memory, "durable_replayed": durable,
@@ -155,4 +156,4 @@ def figure_10(settings: Settings) -> Figure:
     return figure(10, [m / max(d, 1.0) for m, d in zip(memory, durable)],
                   {**MODEL, "ranks": 2, "memory_every_steps": every["memory"],
                    "durable_every_steps": every["durable"], "intervals_before_kill": intervals},
-                  details, note, "" if from_memory else "a relaunch did not resume from memory")
+                  details, note, "" if right else "a relaunch did not resume from its tier")
