@@ -186,13 +186,19 @@ def figure_6(settings: Settings) -> Figure:
     root = os.path.join(settings.workdir, "relaunch")
     common = relaunch_args(settings)
     resumed = os.path.join(root, "resume")
-    prepare = subprocess.run(torchrun("-m", "distrib.train", *common, "--checkpoint-dir", resumed,
-                                      "--max-steps", "1"), env=job_env(), capture_output=True,
-                             text=True, timeout=600)
+    os.makedirs(root, exist_ok=True)
+    from distrib.bench.spawn import Job  # (spawn builds on this module)
+
+    prepare = Job(torchrun("-m", "distrib.train", *common, "--checkpoint-dir", resumed,
+                           "--max-steps", "1"), os.path.join(root, "prepare.log"))
+    try:  # a timeout must not leave the workers running (torchrun starts them in sessions of
+        code = prepare.proc.wait(600)  # their own): Job.kill gets them too
+    finally:
+        prepare.kill()
     store = CheckpointStore(LocalStorage(resumed))
     info = store.latest()
-    if prepare.returncode != 0 or info is None:
-        raise RuntimeError(f"writing the checkpoint to resume failed:\n{prepare.stderr[-3000:]}")
+    if code != 0 or info is None:
+        raise prepare.fail("writing the checkpoint to resume failed")
     store.clear_complete()  # a finished run would not resume: make it an interrupted one
     assert info.manifest is not None
     files = [os.path.join(resumed, info.name, f.name) for f in info.manifest.files]
