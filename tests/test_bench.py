@@ -61,7 +61,8 @@ def test_quick_training_job_figures(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--only", "0"], "numbered 1 to 9 and 13 to 16"),
+    (["--only", "0"], "numbered 1 to 16"),
+    (["--only", "17"], "numbered 1 to 16"),
     (["--only", "1,x"], "expected figure numbers"),
     (["--size-mb", "0"], "must be > 0"),
     (["--reps", "two"], "expected a number"),
@@ -73,3 +74,43 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], message
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------- figures 10-12: their pure parts only
+# (their jobs take minutes: a worker SIGKILL per repetition and side, node replacements)
+
+def test_the_checkpoint_interval_at_one_percent_overhead() -> None:
+    from distrib.bench.tier import interval
+
+    assert interval(0.010, 0.0, 0.040) == 25  # 10 ms / (25 x 40 ms) = 1%
+    assert interval(0.0101, 0.0, 0.040) == 26
+    assert interval(0.010, 2.0, 0.040) == 50  # the write must finish within the interval
+    assert interval(0.0, 0.0, 0.040) == 1
+
+
+def test_a_step_log_is_read_up_to_its_last_complete_line(tmp_path: Path) -> None:
+    from distrib.bench.tier import _steps
+
+    log = tmp_path / "steps-0.log"
+    log.write_text("1 0.50\n2 0.54\n3 0.5")  # a kill can cut the last line short
+    assert _steps(str(log)) == [(1, 0.5), (2, 0.54)]
+    assert _steps(str(tmp_path / "missing.log")) == []
+
+
+def test_the_first_step_after_a_node_replacement_is_found(tmp_path: Path) -> None:
+    from distrib.bench.jobs import FIRST_STEP
+    from distrib.bench.relaunch import STARTUP, _after, committed
+
+    text = (f"a\n[rank 0] {FIRST_STEP} 3.07s after start-up began\nfailed\n"
+            f"resuming from the memory tier: step 2\n[rank 0] {FIRST_STEP} 2.41s after start-up "
+            "began\n")
+    after = _after(text, 1)
+    assert after.startswith("failed\n") and "3.07s" not in after
+    match = STARTUP.search(after)
+    assert match and match.group(1) == "2.41"
+    assert _after(text, 0) == text
+    (tmp_path / ".step-000000002.tmp-ab12").mkdir()  # being written: not committed yet
+    (tmp_path / ".step-000000002.tmp-ab12" / "manifest.json").write_text("{}")
+    assert not committed(str(tmp_path / "step-*"))
+    (tmp_path / ".step-000000002.tmp-ab12").rename(tmp_path / "step-000000002")
+    assert committed(str(tmp_path / "step-*"))

@@ -13,7 +13,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from distrib.bench.core import Figure, Settings, environment, figure, markdown_table, text_table
 
-ALL = (*range(1, 10), 13, 14, 15, 16)
+ALL = tuple(range(1, 17))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,8 +28,7 @@ def _only(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected figure numbers like 1,3, got {text!r}") from None
     bad = [n for n in chosen if n not in ALL]
     if not chosen or bad:
-        raise argparse.ArgumentTypeError(f"figures are numbered 1 to 9 and 13 to 16, got "
-                                         f"{text!r}")
+        raise argparse.ArgumentTypeError(f"figures are numbered 1 to 16, got {text!r}")
     return chosen
 
 
@@ -48,16 +47,16 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m distrib.bench", description=__doc__)
     p.add_argument("--quick", action="store_true",
-                   help="smaller sizes and 3 repetitions (under 2 minutes on 2 cores)")
+                   help="smaller sizes and 3 repetitions (about 4 minutes on 2 cores)")
     p.add_argument("--only", type=_only, default=list(ALL), metavar="N,M",
-                   help="run only these figures (1-9, 13-16)")
+                   help="run only these figures (1-16)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--markdown", action="store_true",
                    help="print the table as Markdown (the README's Performance table)")
     p.add_argument("--size-mb", type=_positive(float), default=None,
-                   help="training-state size for figures 1-3, 6 and 13-15; figure 8 uses "
-                        "size/8, size/2, 2*size; figure 16 size/8, size, 4*size; figure 7 "
-                        "size/8 (default 512, --quick 64)")
+                   help="training-state size for figures 1-3, 6, 11, 12 and 13-15; figure 8 "
+                        "uses size/8, size/2, 2*size; figure 16 size/8, size, 4*size; figure 7 "
+                        "size/8; figure 10 trains a fixed 29 MB model (default 512, --quick 64)")
     p.add_argument("--reps", type=_positive(int), default=None,
                    help="repetitions per figure (default 5, --quick 3)")
     p.add_argument("--dir", default=".",
@@ -73,7 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(chosen: Sequence[int], settings: Settings,
         report: Callable[[Figure], None]) -> list[Figure]:
     """Run the chosen figures in order, reporting each as it is done."""
-    from distrib.bench import dcp, jobs, local, s3
+    from distrib.bench import dcp, jobs, local, relaunch, s3, tier
 
     figures: list[Figure] = []
     state: list[local.TrainingState] = []
@@ -90,6 +89,9 @@ def run(chosen: Sequence[int], settings: Settings,
         ((4,), lambda: [jobs.figure_4(settings)]),
         ((5, 9), lambda: jobs.figures_5_9(settings)),
         ((6,), lambda: [jobs.figure_6(settings)]),
+        ((10,), lambda: [tier.figure_10(settings)]),
+        ((11,), lambda: [relaunch.figure_11(settings)]),
+        ((12,), lambda: [relaunch.figure_12(settings)]),
         ((7,), lambda: [s3.figure_7(settings)]),
         ((8,), lambda: [local.figure_8(settings)]),
         ((16,), lambda: [dcp.figure_16(settings)]),

@@ -38,9 +38,14 @@ def job_env() -> dict[str, str]:
     return env
 
 
+def launcher(*args: str) -> list[str]:
+    """``torchrun ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={RANKS}", *args]
+    """A one-node job of :data:`RANKS` ranks."""
+    return launcher("--standalone", f"--nproc_per_node={RANKS}", *args)
 
 
 def run_worker(settings: Settings, scenario: str, args: dict[str, Any],
@@ -86,24 +91,26 @@ def figures_5_9(settings: Settings) -> list[Figure]:
 
 class Launch:
     """``torchrun ... -m distrib.train ARGS``, timed from launch until rank 0 logs its first
-    optimizer step; then the job is killed (nothing after the first step is of interest)."""
+    optimizer step; then the job is killed (nothing after the first step is of interest).
+    ``lines``: its output up to that step."""
 
-    def __init__(self, args: list[str], timeout: float = 300) -> None:
+    def __init__(self, args: list[str], timeout: float = 300,
+                 env: dict[str, str] | None = None) -> None:
         started = time.perf_counter()
-        proc = subprocess.Popen(torchrun("-m", "distrib.train", *args), env=job_env(),
+        proc = subprocess.Popen(torchrun("-m", "distrib.train", *args), env=env or job_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         lines: queue.Queue[str | None] = queue.Queue()
         reader = threading.Thread(target=self._pump, args=(proc, lines), daemon=True)
         reader.start()
-        tail: list[str] = []
+        self.lines: list[str] = []
         self.seconds = math.nan
         try:
             while True:
                 line = lines.get(timeout=max(1.0, timeout - (time.perf_counter() - started)))
                 if line is None:
                     break
-                tail = (tail + [line])[-40:]
+                self.lines.append(line)
                 if FIRST_STEP in line:
                     self.seconds = time.perf_counter() - started
                     break
@@ -112,7 +119,7 @@ class Launch:
             reader.join(10)
         if math.isnan(self.seconds):
             raise RuntimeError("the training job never reached its first step:\n"
-                               + "".join(tail))
+                               + "".join(self.lines[-40:]))
 
     @staticmethod
     def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
@@ -165,21 +172,33 @@ def raw_read(paths: list[str]) -> None:
                 pass
 
 
+def relaunch_args(settings: Settings) -> list[str]:
+    """``distrib.train`` flags of the relaunched jobs (figures 6, 11 and 12): the bench ``mlp``
+    whose parameters plus Adam state hold >= ``size_mb``, no periodic checkpoints."""
+    return ["--task", "distrib.bench.tasks:mlp", *state_args(int(settings.size_mb * MB)),
+            "--batch-size", "4", "--optimizer", "adam", "--no-progress", "--max-epochs", "1",
+            "--save-every-epochs", "0", "--task-arg", "val=16", "--no-early-stop"]
+    # (the default --monitor-metric val_loss is used, hence the small validation set)
+
+
 def figure_6(settings: Settings) -> Figure:
     """Relaunch and resume a checkpoint of >= size_mb vs a fresh start plus a raw read."""
     root = os.path.join(settings.workdir, "relaunch")
-    common = ["--task", "distrib.bench.tasks:mlp", *state_args(int(settings.size_mb * MB)),
-              "--batch-size", "4", "--optimizer", "adam", "--no-progress", "--max-epochs", "1",
-              "--save-every-epochs", "0", "--task-arg", "val=16", "--no-early-stop"]
-    # (the default --monitor-metric val_loss is used, hence the small validation set)
+    common = relaunch_args(settings)
     resumed = os.path.join(root, "resume")
-    prepare = subprocess.run(torchrun("-m", "distrib.train", *common, "--checkpoint-dir", resumed,
-                                      "--max-steps", "1"), env=job_env(), capture_output=True,
-                             text=True, timeout=600)
+    os.makedirs(root, exist_ok=True)
+    from distrib.bench.spawn import Job  # (spawn builds on this module)
+
+    prepare = Job(torchrun("-m", "distrib.train", *common, "--checkpoint-dir", resumed,
+                           "--max-steps", "1"), os.path.join(root, "prepare.log"))
+    try:  # a timeout must not leave the workers running (torchrun starts them in sessions of
+        code = prepare.proc.wait(600)  # their own): Job.kill gets them too
+    finally:
+        prepare.kill()
     store = CheckpointStore(LocalStorage(resumed))
     info = store.latest()
-    if prepare.returncode != 0 or info is None:
-        raise RuntimeError(f"writing the checkpoint to resume failed:\n{prepare.stderr[-3000:]}")
+    if code != 0 or info is None:
+        raise prepare.fail("writing the checkpoint to resume failed")
     store.clear_complete()  # a finished run would not resume: make it an interrupted one
     assert info.manifest is not None
     files = [os.path.join(resumed, info.name, f.name) for f in info.manifest.files]

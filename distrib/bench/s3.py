@@ -7,6 +7,7 @@ number of bytes to the same server; the baselines upload one file from local dis
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import statistics
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from distrib.bench.core import MB, Figure, Settings, figure, fsync_write, interleave, timed
 from distrib.bench.local import TrainingState
@@ -61,6 +62,21 @@ class LoopbackS3:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEY,
                             aws_secret_access_key=SECRET, region_name="us-east-1")
 
+    @contextlib.contextmanager
+    def environ(self) -> Iterator[None]:
+        """Point this process's S3 clients at the server (``env`` in ``os.environ``), restoring
+        the previous values afterwards."""
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -70,17 +86,11 @@ class LoopbackS3:
 def figure_7(settings: Settings) -> Figure:
     state = TrainingState(int(settings.size_mb / 8 * MB))
     server = LoopbackS3()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
     try:
-        return _measure(settings, state, server)
+        with server.environ():
+            return _measure(settings, state, server)
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _measure(settings: Settings, state: TrainingState, server: LoopbackS3) -> Figure:

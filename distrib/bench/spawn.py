@@ -1,0 +1,63 @@
+"""Jobs that run beside the benchmark (figures 10-12): a launcher command in a session of its
+own with its output in a file, watched by polling, always SIGKILLed with its workers and waited
+for; and the folder the memory tier writes to."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from typing import Callable
+
+from distrib.bench.core import Settings
+from distrib.bench.jobs import _kill_job, job_env
+from distrib.checkpoint.memory import DEFAULT_DIR
+
+
+def memory_root(settings: Settings) -> str:
+    """A new folder where the memory tier writes (``/dev/shm``, else the scratch folder); the
+    caller removes it."""
+    where = DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else settings.workdir
+    return tempfile.mkdtemp(prefix=".distrib-bench-", dir=where)
+
+
+def restart_env(**extra: str) -> dict[str, str]:
+    """:func:`~distrib.bench.jobs.job_env` for a job whose workers get restarted: each
+    rendezvous round gets a fresh store, else the restarted workers may read the previous
+    round's addresses and fail to connect (pytorch/pytorch#135712; ``python -m distrib.launch``
+    sets the same)."""
+    return dict(job_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
+
+
+class Job:
+    """A launcher command (``torchrun ...``) started in a session of its own, its output in
+    ``log``; :meth:`kill` SIGKILLs it with its workers and waits for them."""
+
+    def __init__(self, cmd: list[str], log: str, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with open(log, "w") as fh:
+            self.proc = subprocess.Popen(cmd, env=env or job_env(), stdout=fh,
+                                         stderr=subprocess.STDOUT, text=True,
+                                         start_new_session=True)
+
+    def text(self) -> str:
+        with open(self.log, errors="replace") as fh:
+            return fh.read()
+
+    def fail(self, why: str) -> RuntimeError:
+        return RuntimeError(f"{why}; job output:\n{self.text()[-3000:]}")
+
+    def kill(self) -> None:
+        _kill_job(self.proc)
+
+
+def wait_for(condition: Callable[[], bool], job: Job, timeout: float, what: str) -> None:
+    """Poll ``condition()`` every 10 ms until it holds; RuntimeError (with the job's output) on
+    timeout, or if the job ended first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        ended = job.proc.poll() is not None
+        if ended or time.monotonic() > deadline:
+            raise job.fail(f"{what}: {'the job ended' if ended else 'timed out'}")
+        time.sleep(0.01)
