@@ -12,7 +12,8 @@ from the memory tier, against the other ways it can come, on the state of figure
   replacement agent with empty memory starts. Timed from starting the replacement until rank 0
   logs its first optimizer step after the restart: the state broadcast from the surviving
   peer's snapshot (memory tier on, nothing durable) / the state read from durable storage (memory
-  tier off, a durable checkpoint of the same state).
+  tier off, a durable checkpoint of the same state), which is the loopback S3 server: nodes share
+  no disk.
 """
 
 from __future__ import annotations
@@ -156,16 +157,19 @@ def _after(text: str, seen: int) -> str:
     return "".join(lines[firsts[seen - 1] + 1:] if seen else lines)
 
 
-def node_loss(settings: Settings, root: str, shm: str, name: str, peer: bool) -> dict[str, Any]:
+def node_loss(settings: Settings, root: str, shm: str, name: str, peer: bool,
+              server: LoopbackS3) -> dict[str, Any]:
     """Two agents; the second one's node is lost once the state it needs exists (a committed
     snapshot on the surviving node, or a committed durable checkpoint), and replaced. Returns
     the seconds from starting the replacement to rank 0's first step after it, and the resume
-    line."""
+    line. Durable storage is the loopback S3 server (nodes share no disk), on both sides."""
     work, shm = os.path.join(root, name), os.path.join(shm, name)
-    ckpt = os.path.join(work, "ck")
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    server.client().create_bucket(Bucket=bucket)
+    ckpt = f"s3://{bucket}/{name}"
     port = _free_port()
     flags = [*relaunch_args(settings), "--checkpoint-dir", ckpt]
-    env = restart_env()
+    env = dict(restart_env(), **server.env)
     jobs: list[Job] = []
 
     def agent(node: str) -> Job:
@@ -185,9 +189,9 @@ def node_loss(settings: Settings, root: str, shm: str, name: str, peer: bool) ->
         host = agent("host")  # it binds the rendezvous port first: the store lives with it
         wait_for(lambda: _listening(port), host, 60, "waiting for the rendezvous store")
         lost = agent("lost")
-        state = os.path.join(shm, "host", "distrib-*", "step-*") if peer \
-            else os.path.join(ckpt, "step-*")
-        wait_for(lambda: committed(state), host, 900, "waiting for the state to exist")
+        state = os.path.join(shm, "host", "distrib-*", "step-*")
+        wait_for(lambda: committed(state) if peer else f"saved to {ckpt}/step-" in host.text(),
+                 host, 900, "waiting for the state to exist")
         lost.kill()
         seen = host.text().count(FIRST_STEP)
         started = time.perf_counter()
@@ -214,16 +218,18 @@ def figure_12(settings: Settings) -> Figure:
     os.makedirs(root, exist_ok=True)
     shm = memory_root(settings)
     runs: dict[str, list[dict[str, Any]]] = {"peer": [], "durable": []}
+    server = LoopbackS3()
 
     def side(kind: str) -> float:
         runs[kind].append(node_loss(settings, root, shm, f"{kind}-{len(runs[kind])}",
-                                    kind == "peer"))
+                                    kind == "peer", server))
         return float(runs[kind][-1]["seconds"])
 
     try:
         peer, durable = interleave(settings.reps, [lambda: side("peer"),
                                                    lambda: side("durable")])
     finally:
+        server.stop()
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
     ok = all("broadcast from rank" in r["resumed"] for r in runs["peer"]) and \
@@ -235,6 +241,7 @@ def figure_12(settings: Settings) -> Figure:
                    "durable_worker_startup_s": workers["durable"],
                    "peer_resumed": [r["resumed"] for r in runs["peer"]],
                    "durable_resumed": [r["resumed"] for r in runs["durable"]]},
-                  f"2 nodes on loopback; the restarted rank 0's own start-up to first step "
+                  f"2 nodes on loopback, durable storage on loopback S3; the restarted rank 0's "
+                  f"own start-up to first step "
                   f"{statistics.median(workers['peer']):.1f} vs "
                   f"{statistics.median(workers['durable']):.1f} s", "" if ok else "a relaunch did not resume as it should")
