@@ -21,8 +21,6 @@ from typing import Any
 import distrib
 from distrib.bench.core import MB, Figure, Settings, figure, interleave
 from distrib.bench.tasks import state_args
-from distrib.checkpoint.storage import LocalStorage
-from distrib.checkpoint.store import CheckpointStore
 
 RANKS = 2
 FIRST_STEP = "first optimizer step done"
@@ -187,19 +185,10 @@ def figure_6(settings: Settings) -> Figure:
     common = relaunch_args(settings)
     resumed = os.path.join(root, "resume")
     os.makedirs(root, exist_ok=True)
-    from distrib.bench.spawn import Job  # (spawn builds on this module)
+    from distrib.bench.spawn import prepared_checkpoint  # (spawn builds on this module)
 
-    prepare = Job(torchrun("-m", "distrib.train", *common, "--checkpoint-dir", resumed,
-                           "--max-steps", "1"), os.path.join(root, "prepare.log"))
-    try:  # a timeout must not leave the workers running (torchrun starts them in sessions of
-        code = prepare.proc.wait(600)  # their own): Job.kill gets them too
-    finally:
-        prepare.kill()
-    store = CheckpointStore(LocalStorage(resumed))
-    info = store.latest()
-    if code != 0 or info is None:
-        raise prepare.fail("writing the checkpoint to resume failed")
-    store.clear_complete()  # a finished run would not resume: make it an interrupted one
+    _, info = prepared_checkpoint(common, resumed, os.path.join(root, "prepare.log"),
+                                  timeout=600)
     assert info.manifest is not None
     files = [os.path.join(resumed, info.name, f.name) for f in info.manifest.files]
     fresh_runs = [0]

@@ -32,9 +32,7 @@ from typing import Any
 from distrib.bench.core import Figure, Settings, figure, interleave
 from distrib.bench.jobs import FIRST_STEP, Launch, job_env, launcher, relaunch_args, torchrun
 from distrib.bench.s3 import LoopbackS3, _free_port
-from distrib.bench.spawn import Job, memory_root, restart_env, wait_for
-from distrib.checkpoint.storage import open_storage
-from distrib.checkpoint.store import CheckpointStore
+from distrib.bench.spawn import Job, memory_root, prepared_checkpoint, restart_env, wait_for
 
 FROM_MEMORY = "resuming from the memory tier"
 #: figure 12's rendezvous notices a lost node after 3 s without a heartbeat (torchrun's default:
@@ -90,17 +88,7 @@ def _figure_11(settings: Settings, root: str, shm: str, server: LoopbackS3) -> F
     server.client().create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/run"
     s3_env = dict(job_env(), **server.env)
-    prepare = Job(torchrun("-m", "distrib.train", *common, "--checkpoint-dir", url,
-                           "--max-steps", "1"), os.path.join(root, "prepare-s3.log"), s3_env)
-    try:
-        code = prepare.proc.wait(900)
-    finally:
-        prepare.kill()
-    store = CheckpointStore(open_storage(url))
-    info = store.latest()
-    if code != 0 or info is None:
-        raise prepare.fail("writing the checkpoint to S3 failed")
-    store.clear_complete()  # a finished run would not resume: make it an interrupted one
+    _, info = prepared_checkpoint(common, url, os.path.join(root, "prepare-s3.log"), s3_env)
     sources: dict[str, list[str]] = {"memory": [], "s3": []}
     startup: dict[str, list[float]] = {"memory": [], "s3": [], "fresh": []}
 

@@ -11,8 +11,10 @@ import time
 from typing import Callable
 
 from distrib.bench.core import Settings
-from distrib.bench.jobs import _kill_job, job_env
+from distrib.bench.jobs import _kill_job, job_env, torchrun
 from distrib.checkpoint.memory import DEFAULT_DIR
+from distrib.checkpoint.storage import open_storage
+from distrib.checkpoint.store import CheckpointInfo, CheckpointStore
 
 
 def memory_root(settings: Settings) -> str:
@@ -61,3 +63,22 @@ def wait_for(condition: Callable[[], bool], job: Job, timeout: float, what: str)
         if ended or time.monotonic() > deadline:
             raise job.fail(f"{what}: {'the job ended' if ended else 'timed out'}")
         time.sleep(0.01)
+
+
+def prepared_checkpoint(flags: list[str], url: str, log: str, env: dict[str, str] | None = None,
+                        timeout: float = 900) -> tuple[CheckpointStore, CheckpointInfo]:
+    """Train one step of ``python -m distrib.train FLAGS`` into ``url`` and leave its checkpoint
+    as an interrupted run's (the COMPLETE marker removed, so a relaunch resumes it). Returns
+    the store and the checkpoint; raises with the job's output if there is none."""
+    prepare = Job(torchrun("-m", "distrib.train", *flags, "--checkpoint-dir", url,
+                           "--max-steps", "1"), log, env)
+    try:  # a timeout must not leave the workers running: Job.kill gets them too
+        code = prepare.proc.wait(timeout)
+    finally:
+        prepare.kill()
+    store = CheckpointStore(open_storage(url))
+    info = store.latest()
+    if code != 0 or info is None:
+        raise prepare.fail(f"writing the checkpoint to {url} failed")
+    store.clear_complete()  # a finished run would not resume: make it an interrupted one
+    return store, info
