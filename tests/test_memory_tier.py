@@ -135,6 +135,22 @@ def test_a_copy_that_differs_from_its_source_checksums_is_never_committed(
     assert not store.scan() and not list(tmp_path.iterdir())
 
 
+def test_snapshot_shards_are_mapped_only_as_regular_files_of_their_listed_size(
+        tmp_path: Path) -> None:
+    (tmp_path / "outside").write_bytes(b"x" * 8)
+    (tmp_path / "tier").mkdir()
+    (tmp_path / "tier" / "shard").write_bytes(b"y" * 8)
+    (tmp_path / "tier" / "link").symlink_to(tmp_path / "outside")
+    local = LocalStorage(str(tmp_path / "tier"))
+    mapped = local.map("shard", 8)
+    assert mapped is not None and mapped[:] == b"y" * 8
+    mapped.close()
+    with pytest.raises(OSError):  # a link in the tier is never followed
+        local.map("link", 8)
+    with pytest.raises(OSError, match="8 bytes, expected 9"):
+        local.map("shard", 9)
+
+
 def test_a_damaged_snapshot_falls_back_to_the_other_slot_then_to_durable(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     shm = tmp_path / "shm"

@@ -120,7 +120,8 @@ class MemoryTier:
                                      else 10, mtbf_seconds)
         self.check_state, self.check_config = check_state, check_config
         self.usable = self._usable()
-        self.store = CheckpointStore(LocalStorage(self.path), shard_bytes=shard_bytes)
+        self.local = LocalStorage(self.path)
+        self.store = CheckpointStore(self.local, shard_bytes=shard_bytes)
         self.failures = 0
         self.checkpointer = Checkpointer(
             self.store, rank=self.rank, writer=self.writer and self.usable, async_save=True,
@@ -250,12 +251,10 @@ class MemoryTier:
                 raise CheckpointError(f"the memory snapshot of step {step} was not committed "
                                       "(see its warning); nothing to persist")
             skeleton, layout = self.store.layout(info)
-            maps = []
+            maps: list[mmap.mmap | None] = []
             try:
                 for entry in info.manifest.shards:
-                    with open(os.path.join(self.path, info.name, entry.name), "rb") as f:
-                        maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                                    if entry.size else None)
+                    maps.append(self.local.map(f"{info.name}/{entry.name}", entry.size))
             except BaseException:
                 _close(maps)
                 raise

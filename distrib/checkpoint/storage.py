@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import errno
 import logging
+import mmap
 import os
 import random
 import re
@@ -268,6 +269,15 @@ class LocalStorage(Storage):
         if limit is not None and len(data) > limit:
             raise StorageError(f"{rel}: more than the {limit} bytes expected")
         return data
+
+    def map(self, rel: str, size: int) -> mmap.mmap | None:
+        """A read-only memory map of regular file ``rel`` (never through a link), which must
+        hold exactly ``size`` bytes (StorageError otherwise); None for an empty file."""
+        with open(self._open(rel), "rb", buffering=0) as fh:
+            found = os.fstat(fh.fileno()).st_size
+            if found != size:
+                raise StorageError(f"{rel}: {found} bytes, expected {size}")
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def read_segments(self, rel: str, outs: Sequence[memoryview],
                       consume: Callable[[memoryview], None] = lambda mv: None) -> None:
