@@ -492,7 +492,7 @@ class Checkpointer:
         use_memory = done is None and memory_step >= 0
         # a failed read into the live objects is followed by another one or an error, unless
         # the memory tier's snapshot (loaded afterwards from its own tensors) is the fallback
-        into = self.live() if self.live is not None and memory_step < 0 else None
+        into = self._live() if memory_step < 0 else None
         memory = StartPlan("memory", "memory", step_dir(max(memory_step, 0)), skipped=skipped)
         for info in reversed(committed):
             if use_memory and info.step <= memory_step:
@@ -567,12 +567,16 @@ class Checkpointer:
         if error:
             return StartPlan("error", message=error), None
         try:  # a failure is an error: reading into the live objects is safe
-            loaded = store.read(info, into=self.live() if self.live is not None else None)
+            loaded = store.read(info, into=self._live())
             if self.check_state is not None:
                 self.check_state(loaded.state())
         except (CorruptCheckpoint, InvalidCheckpoint) as exc:
             return StartPlan("error", message=f"--resume {url}: {exc}"), None
         return StartPlan("resume", store.storage.url, name, notes=notes, changes=changes), loaded
+
+    def _live(self) -> Any:
+        """The live objects' state to read a checkpoint into (None: read into new tensors)."""
+        return self.live() if self.live is not None else None
 
     def _wipe(self) -> None:
         infos = self.store.scan()
@@ -594,7 +598,7 @@ class Checkpointer:
                          else CheckpointStore(open_storage(plan.root, storage_options)))
                 info = store.inspect(int(plan.name[5:]), plan.name)
                 # a failure is an error on every rank: reading into the live objects is safe
-                loaded = store.read(info, into=self.live() if self.live is not None else None)
+                loaded = store.read(info, into=self._live())
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if dist.any_rank(bool(error)):

@@ -47,6 +47,13 @@ class AutoInterval:
     stall: float | None = None
     step_seconds: float | None = None
     write_seconds: float = 0.0
+    clock: tuple[float, int] | None = None  # (time, step) of the last checkpoint
+
+    def tick(self, now: float, step: int) -> float:
+        """Seconds per step since the last tick (0.0 at the first, or without progress); the
+        clock restarts at ``(now, step)``."""
+        then, self.clock = self.clock, (now, step)
+        return (now - then[0]) / (step - then[1]) if then and step > then[1] else 0.0
 
     def update(self, stall: float, step_seconds: float, write_seconds: float = 0.0,
                announce: bool = True) -> int:

@@ -192,7 +192,7 @@ class CheckpointManager:
         self.auto_save = save_every_steps == "auto"
         self.policy = _Policy(AUTO_FIRST if save_every_steps == "auto" else save_every_steps,
                               save_every_epochs, config)
-        self.mtbf_seconds = mtbf_seconds
+        self.mtbf_seconds = mtbf_seconds  # as given (the estimate goes to the intervals)
         self.auto_interval = AutoInterval("checkpoint", AUTO_FIRST, mtbf_seconds)
         self.log_dir = None if log_dir is None else default_log_dir(directory, log_dir)
         self.tensorboard = tensorboard
@@ -226,7 +226,6 @@ class CheckpointManager:
         self._hooks: list[Any] = []
         self._open = False
         self._started: float | None = None  # set by resume() until the first step_done()
-        self._save_clock = (time.perf_counter(), 0)  # (time, step) of the last step save
 
     # ------------------------------------------------------------------ starting
 
@@ -274,7 +273,7 @@ class CheckpointManager:
         if plan.name and self.log_progress and dist.rank() == self.strategy.writer_rank:
             log.info("resumed from %s: step %d%s", source, self.step, note)
         self._started = time.perf_counter()
-        self._save_clock = (self._started, self.step)
+        self.auto_interval.clock = (self._started, self.step)
         return Resume(self.step, self.epoch, plan.kind == "complete", source,
                       tuple(plan.skipped), saved_at, note, plan.message)
 
@@ -290,10 +289,9 @@ class CheckpointManager:
             log.info("auto intervals: expected time between failures %.0fs (%d failure(s) in "
                      "%.0fs of this run's records, with the given %.0fs counted as one more)",
                      mtbf, failures, seconds, self.mtbf_seconds)
-        self.mtbf_seconds = float(dist.broadcast_object(mtbf))
-        self.auto_interval.mtbf_seconds = self.mtbf_seconds
+        self.auto_interval.mtbf_seconds = float(dist.broadcast_object(mtbf))
         if self.memory is not None:
-            self.memory.interval.mtbf_seconds = self.mtbf_seconds
+            self.memory.interval.mtbf_seconds = self.auto_interval.mtbf_seconds
 
     def _choose_save_interval(self, step: int, persisted: bool) -> None:
         """After a save with ``save_every_steps="auto"``: rank 0 re-chooses the interval
@@ -301,15 +299,13 @@ class CheckpointManager:
         save, the save's training-thread stall (the snapshot's when it was persisted from one)
         and the last write's duration, once a write has finished; every rank takes it.
         Collective."""
-        now = time.perf_counter()
-        then, self._save_clock = self._save_clock, (now, step)
+        step_seconds = self.auto_interval.tick(time.perf_counter(), step)
         cfg = self.checkpointer
-        if dist.rank() == 0 and step > then[1] and cfg.last_save_seconds > 0:
+        if dist.rank() == 0 and cfg.last_save_seconds > 0:
             stall = cfg.stall_seconds
             if persisted and self.memory is not None:
                 stall += self.memory.checkpointer.stall_seconds
-            self.auto_interval.update(stall, (now - then[0]) / (step - then[1]),
-                                      cfg.last_save_seconds)
+            self.auto_interval.update(stall, step_seconds, cfg.last_save_seconds)
         self.policy.save_every_steps = int(dist.broadcast_object(self.auto_interval.interval))
 
     @property
@@ -553,14 +549,16 @@ class CheckpointManager:
         if epoch_ends and self.epoch_save_due(self.epoch) or ending:
             return
         durable = bool(every) and step % every == 0 and self._saved_step != step
+        persisted = False
         if self.memory is not None and (self.memory.due(step, time.perf_counter()) or durable):
             self.snapshot(step)
-            if durable and self.memory.persistable and self.strategy.writer_rank == 0:
-                # the durable checkpoint is written from the snapshot: one copy of the state
-                self.checkpointer.save_from(step, self.memory.persisted(step))
-                self._saved_step = step
-        persisted = durable and self._saved_step == step
-        if durable and not persisted:
+            # the durable checkpoint is written from the snapshot: one copy of the state
+            persisted = durable and self.memory.persistable and self.strategy.writer_rank == 0
+        if persisted:
+            assert self.memory is not None
+            self.checkpointer.save_from(step, self.memory.persisted(step))
+            self._saved_step = step
+        elif durable:
             self.save(step)
         if durable and self.auto_save:
             self._choose_save_interval(step, persisted)

@@ -127,7 +127,6 @@ class MemoryTier:
             self.store, rank=self.rank, writer=self.writer and self.usable, async_save=True,
             keep_last=SLOTS, max_failed_saves=2**30, gather=self._gather,
             slots=SLOTS, on_saved=self._on_saved, label="memory snapshot")
-        self._last_step_time: tuple[float, int] | None = None
         self._cost = (0.0, 0.0)
         #: every rank: whether rank 0 wrote the last snapshot with no failure in its streak (a
         #: durable checkpoint of that step can then be persisted from it, see :meth:`persisted`)
@@ -187,8 +186,8 @@ class MemoryTier:
     def due(self, step: int, now: float) -> bool:
         """Whether a snapshot is due at ``step`` (same answer on every rank: the interval
         changes only at snapshots, from all-gathered measurements). Local."""
-        if self._last_step_time is None:
-            self._last_step_time = (now, step)
+        if self.interval.clock is None:
+            self.interval.clock = (now, step)
         return step % self.interval.interval == 0
 
     def save(self, step: int, shared: dict[str, Any], mine: dict[str, Any], meta: Meta,
@@ -196,7 +195,7 @@ class MemoryTier:
         """Snapshot ``shared`` plus every rank's ``mine`` at ``step`` (asynchronously).
         Collective; with ``auto`` it also re-chooses the interval from every rank's measured
         step time and snapshot stall (Young/Daly)."""
-        self._cost = self._measurements(now, step)
+        self._cost = (self.interval.tick(now, step), self.checkpointer.stall_seconds)
         self.checkpointer.save(step, shared, mine, meta, deferrable=deferrable)
 
     def _gather(self, mine: Any) -> list[Any]:
@@ -207,13 +206,6 @@ class MemoryTier:
         self.choose([cost for _, cost, _ in both])
         self.persistable = bool(both[0][2])
         return [m for m, _, _ in both]
-
-    def _measurements(self, now: float, step: int) -> tuple[float, float]:
-        """(seconds per step since the last snapshot, the last snapshot's training stall)."""
-        then = self._last_step_time
-        self._last_step_time = (now, step)
-        per_step = (now - then[0]) / (step - then[1]) if then and step > then[1] else 0.0
-        return per_step, self.checkpointer.stall_seconds
 
     def choose(self, costs: list[tuple[float, float]]) -> None:
         """Every rank: the ``auto`` interval from every rank's (seconds per step, snapshot

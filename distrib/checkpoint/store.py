@@ -349,9 +349,8 @@ class CheckpointStore:
     def verify(self, info: CheckpointInfo) -> None:
         """Check every file's size and checksum and the tensor index, without keeping any
         tensor; CorruptCheckpoint on the first violation."""
-        index, _ = self._index(info, None)
-        self._read_shards(info, TensorSink(Layout(index.tensors, index.total), set()),
-                          all_shards=True)
+        _, layout = self.layout(info)
+        self._read_shards(info, TensorSink(layout, set()), all_shards=True)
 
     def _index(self, info: CheckpointInfo, subtree: str | None) -> tuple[StateIndex, Any]:
         manifest = info.manifest
