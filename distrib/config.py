@@ -332,7 +332,8 @@ def _steps(text: str) -> int | Literal["auto"]:
         return 0
     if text == "auto":
         return "auto"
-    return int(text) if text.isdigit() and int(text) <= _BIG else -1
+    digits = text.isascii() and text.isdecimal() and len(text) <= len(str(_BIG))
+    return int(text) if digits and int(text) <= _BIG else -1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

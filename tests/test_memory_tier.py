@@ -275,7 +275,8 @@ def test_auto_durable_interval_is_chosen_from_the_measured_cost_and_logged(
 def test_bad_memory_flags_are_one_line_errors(tmp_path: Path) -> None:
     for flag in (["--memory-every-steps", "sometimes"], ["--memory-every-steps", "-3"],
                  ["--mtbf-hours", "0"], ["--save-every-steps", "often"],
-                 ["--save-every-steps", "-1"]):
+                 ["--save-every-steps", "-1"], ["--save-every-steps", "\u00b2"],
+                 ["--memory-every-steps", "9" * 5000]):
         proc = subprocess.run([sys.executable, "-m", "distrib.train", *flag], cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr
