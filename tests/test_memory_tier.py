@@ -191,6 +191,12 @@ def test_another_runs_snapshot_is_never_used(tmp_path: Path, caplog: pytest.LogC
     m = _resumed(tmp_path / "ck", shm)
     assert m.step == 0 and "belongs to another run" in caplog.text
     m.close("failed")
+    for hostile in ("[" * 4000, "x" * 5000):  # nested past the recursion limit; too long
+        owner.write_text(hostile)
+        caplog.clear()
+        m = _resumed(tmp_path / "ck", shm)
+        assert m.step == 0 and "belongs to another run" in caplog.text
+        m.close("failed")
 
 
 def test_too_little_shared_memory_warns_and_runs_durable_only(

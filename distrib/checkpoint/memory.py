@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from distrib.checkpoint.checkpointer import Checkpointer, ConfigCheck, Persisted
-from distrib.checkpoint.format import InvalidCheckpoint, Meta
+from distrib.checkpoint.format import InvalidCheckpoint, Meta, load_json
 from distrib.checkpoint.interval import AutoInterval
 from distrib.checkpoint.serialization import (
     FlatBuffer,
@@ -119,8 +119,8 @@ class MemoryTier:
         self.interval = AutoInterval("memory tier: snapshot", every_steps if every_steps > 0
                                      else 10, mtbf_seconds)
         self.check_state, self.check_config = check_state, check_config
-        self.usable = self._usable()
         self.local = LocalStorage(self.path)
+        self.usable = self._usable()
         self.store = CheckpointStore(self.local, shard_bytes=shard_bytes)
         self.failures = 0
         self.checkpointer = Checkpointer(
@@ -149,14 +149,13 @@ class MemoryTier:
         return not why
 
     def _owner(self) -> dict[str, Any] | None:
+        """What ``owner.json`` says (None: there is none; {}: unreadable, or not an owner)."""
         try:
-            with open(os.path.join(self.path, OWNER), "rb") as f:
-                raw = f.read(4096)
-            owner = json.loads(raw)
+            owner = load_json(self.local.read(OWNER, limit=4096), OWNER, 4096, max_depth=2)
             return owner if isinstance(owner, dict) else {}
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, InvalidCheckpoint):
             return {}
 
     def check_space(self, state_bytes: int) -> None:
