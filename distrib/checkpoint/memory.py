@@ -176,9 +176,11 @@ class MemoryTier:
             self.checkpointer.writer = False
             return
         os.makedirs(self.path, mode=0o700, exist_ok=True)
-        if self._owner() is None:
-            with open(os.path.join(self.path, OWNER), "w") as f:
-                json.dump(self.owner, f)
+        if self._owner() is None:  # create-only and whole (a crash never leaves half of it)
+            try:
+                self.local.write_new(OWNER, json.dumps(self.owner).encode())
+            except FileExistsError:
+                pass
 
     # ------------------------------------------------------------------ saving
 
