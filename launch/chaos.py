@@ -16,7 +16,7 @@ optimizer step, it waits a random time and SIGKILLs one worker process: rank 0 f
 writes checkpoints and hosts the process group's store; ``--no-rank0-first`` to skip that), then
 random ones. If torchrun gives
 up, the job is launched again (as Kubernetes would restart the pod). Finally both final models are
-exported with ``python -m distrib.ckpt export`` and compared tensor by tensor.
+exported (``distrib.ckpt export``, in this process) and compared tensor by tensor.
 
 Exit code 0 if they are bit-identical, 1 if not, 2 if a run failed. Linux only (it finds the
 worker processes in /proc). Use a seed-determined task: the comparison is the whole point.
@@ -169,8 +169,17 @@ def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Pa
 
 
 def export(ckpt: Path, out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "distrib.ckpt", "export", str(ckpt), str(out)],
-                   check=True, stdout=subprocess.DEVNULL)
+    """``distrib.ckpt export CKPT OUT``, in this process (a process of its own would import
+    torch again, for a second or two of CPU); RuntimeError if it fails."""
+    import contextlib
+    import io
+
+    from distrib.ckpt import main as ckpt_main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = ckpt_main(["export", str(ckpt), str(out)])
+    if code != 0:
+        raise RuntimeError(f"distrib.ckpt export {ckpt} exited {code}")
 
 
 def compare(a: Path, b: Path) -> list[str]:
@@ -219,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                         work / "chaos", work / "chaos.log", args.kills, rng,
                         (args.min_delay, args.max_delay), 3, args.rank0_first,
                         script=args.script)
+        export(work / "reference", work / "reference.pt")
+        export(work / "chaos", work / "chaos.pt")
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         log(f"FAILED: {exc}")
         return 2
-    export(work / "reference", work / "reference.pt")
-    export(work / "chaos", work / "chaos.pt")
     differ = compare(work / "reference.pt", work / "chaos.pt")
     result = {**chaos, "identical": not differ, "differing_tensors": differ,
               "reference_seconds": round(reference_s, 1),

@@ -152,6 +152,15 @@ class LoggedJob(chaos.Job):  # type: ignore[misc, name-defined]
     def wait_started(self, timeout: float = 120) -> None:
         assert self.started.wait(timeout), self.text()[-3000:]
 
+    def wait_checkpoint(self, ckpt: Path, step: int, timeout: float = 120) -> None:
+        """Wait until the job has committed a checkpoint at ``step`` or later in ``ckpt`` (a
+        point in training that does not depend on how fast this machine runs it)."""
+        deadline = time.monotonic() + timeout
+        while not any(int(p.parent.name[5:]) >= step for p in ckpt.glob("step-*/manifest.json")
+                      if p.parent.name[5:].isdigit()):
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.text()[-3000:]
+            time.sleep(0.01)
+
     def finish(self, timeout: float = 300) -> int:
         """Wait for the job and for its last output line to reach the log."""
         rc = self.proc.wait(timeout=timeout)
@@ -223,3 +232,30 @@ def s3_url(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setenv(key, value)
     clear_s3fs_cache()
     return f"s3://{make_bucket(moto_endpoint)}/run"
+
+
+# Slow modules in the order their tests should start: the ones with the longest tests first, so
+# that two workers end together (each worker holds at most two queued tests: pyproject's
+# --maxschedchunk 1). Every other slow test follows them, then the fast ones.
+_LONGEST_FIRST = ("test_examples", "test_own_loop", "test_resume_e2e", "test_k8s_manifests",
+                  "test_memory_tier", "test_bench", "test_stream", "test_distributed")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the slow (multi-process) tests first, the longest of them first: with ``-n`` the
+    many short tests then fill the gaps at the end, instead of one worker finishing a long test
+    alone while the other idles. Every worker sorts the same collection the same way."""
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if item.get_closest_marker("slow") is None:
+            return (2, 0)
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        order = _LONGEST_FIRST.index(module) if module in _LONGEST_FIRST else len(_LONGEST_FIRST)
+        return (0 if module in _LONGEST_FIRST else 1, order)
+    items.sort(key=rank)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, at most 4. Each worker's tests start two or three
+    processes of their own, so more workers than cores would only make them wait on each
+    other (and on timeouts written for an unloaded machine)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from .conftest import free_port
 
@@ -31,13 +33,19 @@ def clear_s3fs_cache() -> None:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def make_bucket(endpoint: str, name: str | None = None) -> str:
+@functools.lru_cache(maxsize=None)
+def _client(endpoint: str) -> Any:
+    """One boto3 client per endpoint (making one loads the service model: a tenth of a second
+    and more, paid by every test that made a bucket)."""
     import boto3
 
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY,
+                        aws_secret_access_key=SECRET, region_name="us-east-1")
+
+
+def make_bucket(endpoint: str, name: str | None = None) -> str:
     name = name or f"b-{uuid.uuid4().hex[:10]}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY,
-                          aws_secret_access_key=SECRET, region_name="us-east-1")
-    client.create_bucket(Bucket=name)
+    _client(endpoint).create_bucket(Bucket=name)
     return name
 
 

@@ -69,10 +69,18 @@ def test_quick_training_job_figures(tmp_path: Path) -> None:
     (["--dir", "/nonexistent/place"], "not a directory"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
-def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = run_cli([*BENCH, *args], cwd=tmp_path, timeout=60)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str,
+                                       capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m distrib.bench`` is ``sys.exit(main())``: its main, in this process."""
+    from distrib.bench.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,6 +20,10 @@ from .s3servers import s3_env
 
 WRITER = REPO / "tests" / "ckpt_writer.py"
 
+# every test starts one to three writer processes (each imports torch): with the multi-process
+# tests, not in the quick `-m "not slow"` loop
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(params=["local", "s3"])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str]]:

@@ -103,18 +103,21 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
     assert str(REPO) not in proc.stdout
 
 
-def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
+def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """The command's own entry point, in this process (a process each would only add a torch
+    import per run)."""
     ck = tmp_path / "ck"
-    common = [sys.executable, "-m", "distrib.train", "--task", "tests.tasks:tiny",
-              "--max-epochs", "1", "--checkpoint-dir", str(ck), "--no-progress"]
-    first = run_cli(common, cwd=REPO)
-    assert first.returncode == 0, first.stderr
-    again = run_cli(common + ["--resume", "never"], cwd=REPO)
-    assert again.returncode == 2
-    assert "--resume never" in again.stderr and "--force-restart" in again.stderr
-    forced = run_cli(common + ["--resume", "never", "--force-restart"], cwd=REPO)
-    assert forced.returncode == 0, forced.stderr
-    assert "deleted" in forced.stderr
+    common = ["--task", "tests.tasks:tiny", "--max-epochs", "1", "--checkpoint-dir", str(ck),
+              "--no-progress"]
+    assert main(common) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(common + ["--resume", "never"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume never" in err and "--force-restart" in err
+    assert main(common + ["--resume", "never", "--force-restart"]) == 0
+    assert "deleted" in capsys.readouterr().err
 
 
 def test_every_flag_passes_through_torchruns_own_parser() -> None:
