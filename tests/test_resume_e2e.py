@@ -22,7 +22,7 @@ from .conftest import JOB_ENV, REPO, LoggedJob, chaos, free_port, run_cli
 pytestmark = pytest.mark.slow
 
 
-TRAIN = 6400  # samples: 200 optimizer steps per epoch with 2 ranks x 16
+TRAIN = 9600  # samples: 300 optimizer steps per epoch with 2 ranks x 16 (kills come after step 50)
 STEPS = TRAIN // 32
 JOB = ["--task", "tests.tasks:tiny", "--task-arg", f"train={TRAIN}", "--task-arg", "dropout=0.1",
        "--max-epochs", "2", "--no-early-stop", "--batch-size", "16", "--save-every-steps", "50",
