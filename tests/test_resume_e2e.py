@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,12 +62,10 @@ def wait_listening(port: int, job: Job, timeout: float = 60) -> None:
     of the agent ``job``)."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
             return
-        except OSError:
-            assert time.monotonic() < deadline and job.proc.poll() is None, job.text()[-3000:]
-            time.sleep(0.05)
+        assert time.monotonic() < deadline and job.proc.poll() is None, job.text()[-3000:]
+        time.sleep(0.05)
 
 
 def rank_pid(job: Job, rank: int) -> int:
