@@ -26,7 +26,7 @@ loader = DataLoader(torch.arange(64), batch_size=8, num_workers=2, persistent_wo
                     worker_init_fn=None if plain else lambda _: detach_worker_process(),
                     multiprocessing_context=None if plain else worker_context())
 batches = iter(loader)
-next(batches)
+next(batches), next(batches)  # one batch from each worker: both have run their worker_init_fn
 print(json.dumps([w.pid for w in batches._workers]), flush=True)
 time.sleep(600)
 """
