@@ -144,3 +144,18 @@ def test_data_loader_workers_die_with_their_rank() -> None:
                          env=base_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["signal 9", "signal 9"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_started_another_way_keep_running(method: str) -> None:
+    """The trainer's worker init with the start methods that do not fork from the rank (a fork
+    server, spawn): the worker must not take its fork server for a dead rank and leave."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from distrib.training.trainer import _worker_init
+
+    loader = DataLoader(torch.arange(64), batch_size=8, num_workers=2, worker_init_fn=_worker_init,
+                        multiprocessing_context=method)
+    assert sum(len(batch) for batch in loader) == 64

@@ -114,18 +114,21 @@ def _die_with_parent() -> None:
     copy of those sockets is closed: torch's watchdog ends an orphaned worker only after up to
     5 s (measured: a 2-rank torchrun job restarted 9.0 s after a rank's SIGKILL with two workers
     per rank, 3.8 s with none). A worker started by the rank's main thread (the loader's
-    iterator) dies with the rank instead. If the rank is already gone, the worker leaves now.
+    iterator) dies with the rank instead. If its parent ended while this was being set up, the
+    worker leaves now.
     """
     if not sys.platform.startswith("linux"):
         return
-    parent = multiprocessing.parent_process()
+    # the process that started this one: the rank, or its fork server (which ends with it); not
+    # multiprocessing.parent_process(), which names the rank even when a fork server forked it
+    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # no libc prctl: torch's watchdog remains
         return
-    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
-        os._exit(0)  # the rank ended before the line above
+    if os.getppid() != parent:
+        os._exit(0)  # the parent ended just before the line above
 
 
 #: how long a forked data-loader worker may take to reach its first Python line before it is
