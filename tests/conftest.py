@@ -155,9 +155,11 @@ class LoggedJob(chaos.Job):  # type: ignore[misc, name-defined]
     def wait_checkpoint(self, ckpt: Path, step: int, timeout: float = 120) -> None:
         """Wait until the job has committed a checkpoint at ``step`` or later in ``ckpt`` (a
         point in training that does not depend on how fast this machine runs it)."""
-        deadline = time.monotonic() + timeout
-        while not any(int(p.parent.name[5:]) >= step for p in ckpt.glob("step-*/manifest.json")
-                      if p.parent.name[5:].isdigit()):
+        from distrib.checkpoint.storage import LocalStorage
+        from distrib.checkpoint.store import CheckpointStore
+
+        store, deadline = CheckpointStore(LocalStorage(str(ckpt))), time.monotonic() + timeout
+        while (latest := store.latest()) is None or latest.step < step:
             assert time.monotonic() < deadline and self.proc.poll() is None, self.text()[-3000:]
             time.sleep(0.01)
 
@@ -245,12 +247,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Start the slow (multi-process) tests first, the longest of them first: with ``-n`` the
     many short tests then fill the gaps at the end, instead of one worker finishing a long test
     alone while the other idles. Every worker sorts the same collection the same way."""
-    def rank(item: pytest.Item) -> tuple[int, int]:
+    def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("slow") is None:
-            return (2, 0)
+            return len(_LONGEST_FIRST) + 1
         module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
-        order = _LONGEST_FIRST.index(module) if module in _LONGEST_FIRST else len(_LONGEST_FIRST)
-        return (0 if module in _LONGEST_FIRST else 1, order)
+        return _LONGEST_FIRST.index(module) if module in _LONGEST_FIRST else len(_LONGEST_FIRST)
     items.sort(key=rank)
 
 

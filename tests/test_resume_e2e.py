@@ -25,9 +25,15 @@ pytestmark = pytest.mark.slow
 
 TRAIN = 9600  # samples: 300 optimizer steps per epoch with 2 ranks x 16 (kills come after step 50)
 STEPS = TRAIN // 32
-JOB = ["--task", "tests.tasks:tiny", "--task-arg", f"train={TRAIN}", "--task-arg", "dropout=0.1",
-       "--max-epochs", "2", "--no-early-stop", "--batch-size", "16", "--save-every-steps", "50",
-       "--no-progress", "--log-every-steps", "0"]
+
+
+def job_args(train: int = TRAIN, epochs: int = 2) -> list[str]:
+    return ["--task", "tests.tasks:tiny", "--task-arg", f"train={train}", "--task-arg",
+            "dropout=0.1", "--max-epochs", str(epochs), "--no-early-stop", "--batch-size", "16",
+            "--save-every-steps", "50", "--no-progress", "--log-every-steps", "0"]
+
+
+JOB = job_args()
 ENV = JOB_ENV
 
 
@@ -212,9 +218,7 @@ def test_chaos_script_with_five_kills(tmp_path: Path) -> None:
     """Scenario 5: launch/chaos.py kills random workers at random times and compares."""
     out = tmp_path / "result.json"
     # 4 epochs of 625 steps: long enough for 5 kills however fast this machine runs it
-    job = [{f"train={TRAIN}": "train=20000", "2": "4"}.get(a, a) if i and JOB[i - 1] in (
-        "--task-arg", "--max-epochs") else a for i, a in enumerate(JOB)]
-    assert "train=20000" in job and job[job.index("--max-epochs") + 1] == "4"
+    job = job_args(train=20000, epochs=4)
     proc = run_cli([sys.executable, str(REPO / "launch" / "chaos.py"), "--kills", "5",
                     "--seed", "1", "--max-delay", "1.0",  # 5 kills within the job's ~12 s of
                     # training, however fast this machine runs it (2 s each did not always fit)
