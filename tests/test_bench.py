@@ -42,6 +42,7 @@ def _check(result: dict[str, Any], table: str, numbers: list[int]) -> None:
         assert cells[-1] == ("PASS" if f["pass"] else "MISS")
 
 
+@pytest.mark.slow
 def test_quick_in_process_figures(tmp_path: Path) -> None:
     result, table = _bench(tmp_path, "--only", "1,2,3,7,8,13,14,15,16")
     _check(result, table, [1, 2, 3, 7, 8, 13, 14, 15, 16])

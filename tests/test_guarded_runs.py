@@ -154,6 +154,7 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=False)
 
 
+@pytest.mark.slow
 def test_read_only_locations_are_refused_before_anything_starts(read_only_dir: Path,
                                                                 tmp_path: Path) -> None:
     for where in (read_only_dir, read_only_dir / "run"):
@@ -167,6 +168,7 @@ def test_read_only_locations_are_refused_before_anything_starts(read_only_dir: P
     assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.slow
 def test_a_regular_file_as_checkpoint_dir(tmp_path: Path) -> None:
     target = tmp_path / "file"
     target.write_text("x")

@@ -322,6 +322,7 @@ def test_configuration_storage_credentials_and_security() -> None:
 # The image
 
 
+@pytest.mark.slow
 def test_dockerfile_pins_torch_first_and_its_build_context_makes_a_working_wheel(
         tmp_path: Path) -> None:
     dockerfile = (K8S / "Dockerfile").read_text()

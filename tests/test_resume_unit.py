@@ -96,6 +96,7 @@ def test_launcher_rejects_bad_arguments_before_starting_torchrun(tmp_path: Path)
     assert str(REPO) not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", ["distrib", "plain"])
 def test_a_notice_in_a_new_workers_first_moments(context: str) -> None:
     """A SIGTERM to the rank's process group that lands after a data-loader worker was forked

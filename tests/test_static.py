@@ -17,6 +17,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_mypy_strict_finds_nothing() -> None:
     pytest.importorskip("mypy")
     proc = _run("mypy", "--strict", "distrib")

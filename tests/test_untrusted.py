@@ -137,7 +137,9 @@ class Backend:
         return {key: (info.get("ETag"), info.get("size")) for key, info in found.items()}
 
 
-@pytest.fixture(params=["local", "s3"])
+# the S3 half makes about 180 requests to moto per tamper (1.5-2 s each): with the tests that
+# start processes, not in the quick tier (-m "not slow"); the local half checks the same tampers
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path, base: Path) -> Backend:
     if request.param == "local":
         root = tmp_path / "ckpts"
