@@ -14,9 +14,14 @@ under ``--workdir``: once undisturbed (the reference), and once with ``--max-res
 torchrun restarts the workers after each kill. After every (re)start, once rank 0 logs its first
 optimizer step, it waits a random time and SIGKILLs one worker process: rank 0 first (the one that
 writes checkpoints and hosts the process group's store; ``--no-rank0-first`` to skip that), then
-random ones. If torchrun gives
-up, the job is launched again (as Kubernetes would restart the pod). Finally both final models are
-exported (``distrib.ckpt export``, in this process) and compared tensor by tensor.
+random ones. If torchrun gives up, the job is launched again (as Kubernetes would restart the
+pod). Finally both final models are exported (``distrib.ckpt export``, in this process) and
+compared tensor by tensor.
+
+``--sigterm`` preempts the chaos run once before the kills, as Kubernetes does before it deletes
+a pod: the run goes under ``python -m distrib.launch`` instead, gets a SIGTERM a random time after
+its first step, and must exit 75 after an emergency checkpoint; the relaunch must resume at that
+checkpoint with no step lost (the ``sigterm`` entry of the result).
 
 Exit code 0 if they are bit-identical, 1 if not, 2 if a run failed. Linux only (it finds the
 worker processes in /proc). Use a seed-determined task: the comparison is the whole point.
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +43,7 @@ import time
 from pathlib import Path
 
 FIRST_STEP = "first optimizer step done"
+EMERGENCY = re.compile(r"emergency checkpoint at step (\d+)")
 
 
 def log(message: str) -> None:
@@ -113,6 +120,8 @@ class Job:
                                      text=True, start_new_session=True, env=env)
         self.started = threading.Event()
         self.replayed: list[int] = []
+        self.emergency: int | None = None  # the step of an emergency checkpoint it logged
+        self.lossless: list[str] = []  # resume lines that say no steps are lost
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
 
@@ -125,22 +134,32 @@ class Job:
                 self.started.set()
             if "steps are replayed" in line:
                 self.replayed.append(int(line.rsplit(" steps are replayed", 1)[0].split()[-1]))
+            if "no steps are lost" in line:
+                self.lossless.append(line)
+            found = EMERGENCY.search(line)
+            if found:
+                self.emergency = int(found.group(1))
 
 
 def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Path,
             kills: int, rng: random.Random, delays: tuple[float, float],
             max_relaunches: int, rank0_first: bool = True,
-            script: str | None = None) -> dict[str, object]:
+            script: str | None = None, sigterm: bool = False) -> dict[str, object]:
     """Run the job to completion while killing ``kills`` workers; return what happened.
     ``script``: a training script of one's own (with a --checkpoint-dir option) instead of
-    ``-m distrib.train``."""
+    ``-m distrib.train``. ``sigterm``: first preempt the job once (:func:`preempt`); the
+    launcher must be ``python -m distrib.launch``, which exits 75 when preempted."""
     target = [script] if script else ["-m", "distrib.train"]
     marker = script.encode() if script else b"distrib.train"  # an argument of the rank's command
     cmd = torchrun + [*target, *train_args, "--checkpoint-dir", str(ckpt)]
     done_kills, relaunches, replayed = 0, 0, []
+    preempted: dict[str, object] | None = None
     log("+ " + " ".join(cmd))
     while True:
         job = Job(cmd, log_path)
+        if sigterm and preempted is None:
+            preempted = preempt(job, rng, delays, log_path)
+            continue
         while done_kills < kills and job.proc.poll() is None:
             if not job.started.wait(timeout=0.5):
                 continue
@@ -160,12 +179,39 @@ def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Pa
             log(f"kill {done_kills}/{kills}: SIGKILL rank {ranks[victim]} (pid {victim})")
         rc = job.proc.wait()
         replayed += job.replayed
+        if preempted is not None and "no_steps_lost" not in preempted:  # the relaunch's resume
+            job.pump.join(timeout=30)  # every line it logged has been read
+            step = preempted["emergency_step"]
+            preempted["no_steps_lost"] = any(f"step {step}" in line for line in job.lossless)
         if rc == 0:
-            return {"kills": done_kills, "relaunches": relaunches, "replayed_steps": replayed}
+            return {"kills": done_kills, "relaunches": relaunches, "replayed_steps": replayed,
+                    "sigterm": preempted}
         if relaunches >= max_relaunches:
             raise RuntimeError(f"the job failed (torchrun exit {rc}); see {log_path}")
         relaunches += 1
         log(f"torchrun exited {rc}: relaunching the same command ({relaunches})")
+
+
+def preempt(job: Job, rng: random.Random, delays: tuple[float, float],
+            log_path: Path) -> dict[str, object]:
+    """Once the job's rank 0 has taken its first step, wait a random time and send the launcher
+    a SIGTERM (what Kubernetes sends before it deletes a pod). It must exit 75 (preempted) after
+    an emergency checkpoint; RuntimeError otherwise. The step of that checkpoint."""
+    while not job.started.wait(timeout=0.5):
+        if job.proc.poll() is not None:
+            raise RuntimeError(f"the job ended (exit {job.proc.returncode}) before its first "
+                               f"step, so it was never preempted; see {log_path}")
+    time.sleep(rng.uniform(*delays))
+    job.proc.send_signal(signal.SIGTERM)
+    rc = job.proc.wait()
+    job.pump.join(timeout=30)
+    if rc != 75 or job.emergency is None:
+        raise RuntimeError(f"after a SIGTERM the launcher exited {rc} (expected 75, preempted)"
+                           f"{'' if job.emergency else ' with no emergency checkpoint'}; "
+                           f"see {log_path}")
+    log(f"SIGTERM: exit 75 after an emergency checkpoint at step {job.emergency}; "
+        "relaunching the same command")
+    return {"exit": rc, "emergency_step": job.emergency}
 
 
 def export(ckpt: Path, out: Path) -> None:
@@ -204,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="make the first kill hit rank 0 (default: yes)")
     parser.add_argument("--workdir", type=Path, help="where runs and logs go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
+    parser.add_argument("--sigterm", action="store_true",
+                        help="first preempt the chaos run once: it runs under python -m "
+                        "distrib.launch, which must exit 75 after a SIGTERM; the relaunch must "
+                        "resume at the emergency checkpoint with no step lost")
     parser.add_argument("--script", help="run this training script (one using distrib's "
                         "CheckpointManager, taking --checkpoint-dir) instead of distrib.train")
     parser.add_argument("train_args", nargs=argparse.REMAINDER,
@@ -216,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={args.nproc}"]
+    launcher = ([sys.executable, "-m", "distrib.launch", *torchrun[3:]] if args.sigterm
+                else torchrun)  # distrib.launch exits 75 when preempted; torchrun exits 1
     rng = random.Random(args.seed)
     started = time.monotonic()
     try:
@@ -223,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         run_job(torchrun, train_args, work / "reference", work / "reference.log", 0, rng,
                 (0, 0), 0, script=args.script)
         reference_s = time.monotonic() - started
-        log(f"chaos run: {args.kills} SIGKILLs in {work / 'chaos'}")
-        chaos = run_job(torchrun + [f"--max-restarts={args.kills + 2}"], train_args,
+        log(f"chaos run: {'a SIGTERM, then ' if args.sigterm else ''}{args.kills} SIGKILLs "
+            f"in {work / 'chaos'}")
+        chaos = run_job(launcher + [f"--max-restarts={args.kills + 2}"], train_args,
                         work / "chaos", work / "chaos.log", args.kills, rng,
                         (args.min_delay, args.max_delay), 3, args.rank0_first,
-                        script=args.script)
+                        script=args.script, sigterm=args.sigterm)
         export(work / "reference", work / "reference.pt")
         export(work / "chaos", work / "chaos.pt")
     except RuntimeError as exc:

@@ -6,8 +6,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -174,33 +172,26 @@ class LoggedJob(chaos.Job):  # type: ignore[misc, name-defined]
         return self.log_path.read_text()
 
 
-def chaos_then_sigterm(tmp_path: Path, chaos_args: list[str], cmd: list[str]) -> None:
-    """The examples' proof under real faults: ``launch/chaos.py CHAOS_ARGS`` (two SIGKILLs,
-    rank 0 first) ends bit-identical to its uninterrupted reference; then ``cmd`` (a launcher
-    command line writing to ``tmp_path/sigterm``) gets a SIGTERM: exit 75, and the relaunch
-    resumes at the emergency checkpoint with no step lost and ends bit-identical too."""
+def chaos_with_sigterm(tmp_path: Path, chaos_args: list[str]) -> dict[str, Any]:
+    """The examples' proof under real faults, in one chaos run (``launch/chaos.py --sigterm
+    CHAOS_ARGS``): first a SIGTERM to the launcher (``distrib.launch``): exit 75 after an
+    emergency checkpoint, and the relaunch resumes there with no step lost; then two SIGKILLs,
+    rank 0 first. The run ends bit-identical to its uninterrupted reference. Its checkpoints are
+    in ``tmp_path/work/chaos``, its log in ``tmp_path/work/chaos.log``; returns chaos's result."""
     work = tmp_path / "work"
     proc = run_cli([sys.executable, str(REPO / "launch" / "chaos.py"), "--kills", "2",
-                    "--min-delay", "0.1", "--max-delay", "0.6", "--workdir", str(work),
-                    "--json", str(tmp_path / "chaos.json"), *chaos_args],
+                    "--sigterm", "--min-delay", "0.1", "--max-delay", "0.6", "--workdir",
+                    str(work), "--json", str(tmp_path / "chaos.json"), *chaos_args],
                    cwd=REPO, env=JOB_ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    result = json.loads((tmp_path / "chaos.json").read_text())
+    result: dict[str, Any] = json.loads((tmp_path / "chaos.json").read_text())
     assert result["identical"] is True and result["kills"] == 2
     assert "SIGKILL rank 0" in proc.stdout
-
-    job = LoggedJob(cmd, tmp_path / "sigterm.log")
-    job.wait_started()
-    time.sleep(0.3)  # a few steps into the run
-    os.kill(job.proc.pid, signal.SIGTERM)
-    assert job.finish(120) == 75, job.text()[-3000:]
-    found = re.search(r"emergency checkpoint at step (\d+)", job.text())
-    assert found, job.text()[-3000:]
-    again = LoggedJob(cmd, tmp_path / "relaunch.log")
-    assert again.finish(300) == 0, again.text()[-3000:]
-    assert f"step {found.group(1)}" in again.text() and "no steps are lost" in again.text()
-    chaos.export(tmp_path / "sigterm", tmp_path / "sigterm.pt")
-    assert chaos.compare(work / "reference.pt", tmp_path / "sigterm.pt") == []
+    preempted = result["sigterm"]
+    assert preempted["exit"] == 75 and preempted["emergency_step"] > 0, proc.stdout[-3000:]
+    assert preempted["no_steps_lost"] is True, (work / "chaos.log").read_text()[-3000:]
+    assert f"{sys.executable} -m distrib.launch --standalone" in proc.stdout
+    return result
 
 
 @pytest.fixture(autouse=True)

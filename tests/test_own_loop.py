@@ -1,7 +1,7 @@
 """A training loop of one's own made fault tolerant with CheckpointManager (examples/own_loop.py,
 and small loops in process): SIGKILLs of random ranks (rank 0 first) end bit-identical to an
-uninterrupted run; SIGTERM to the launcher gives exit 75 and no lost steps; a relaunch after
-completion exits 0 at once; the manager's asynchronous saves never mix two steps."""
+uninterrupted run, in the same chaos run as a SIGTERM to the launcher (exit 75, no lost steps); a
+relaunch after completion exits 0 at once; the manager's asynchronous saves never mix two steps."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 from distrib import CheckpointManager
 from distrib.checkpoint.store import CheckpointError
 
-from .conftest import LoggedJob, chaos_then_sigterm
+from .conftest import LoggedJob, chaos_with_sigterm
 
 SCRIPT = "examples/own_loop.py"
 ARGS = ["--max-steps", "80", "--save-every", "10"]
@@ -25,11 +25,11 @@ ARGS = ["--max-steps", "80", "--save-every", "10"]
 
 @pytest.mark.slow
 def test_own_loop_survives_sigkills_a_sigterm_and_a_relaunch(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "distrib.launch", "--standalone", "--nproc_per_node=2", SCRIPT,
-           *ARGS, "--checkpoint-dir", str(tmp_path / "sigterm")]
-    chaos_then_sigterm(tmp_path, ["--seed", "5", "--script", SCRIPT, "--", *ARGS], cmd)
+    chaos_with_sigterm(tmp_path, ["--seed", "5", "--script", SCRIPT, "--", *ARGS])
     assert "it was written at a preemption notice, so no steps are lost" in \
-        (tmp_path / "relaunch.log").read_text()
+        (tmp_path / "work" / "chaos.log").read_text()
+    cmd = [sys.executable, "-m", "distrib.launch", "--standalone", "--nproc_per_node=2", SCRIPT,
+           *ARGS, "--checkpoint-dir", str(tmp_path / "work" / "chaos")]
     done = LoggedJob(cmd, tmp_path / "done.log")  # complete: nothing to do, exit 0
     assert done.finish(120) == 0, done.text()[-3000:]
     assert "run already complete" in done.text() and "first optimizer step" not in done.text()
