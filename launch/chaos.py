@@ -182,7 +182,8 @@ def run_job(torchrun: list[str], train_args: list[str], ckpt: Path, log_path: Pa
         if preempted is not None and "no_steps_lost" not in preempted:  # the relaunch's resume
             job.pump.join(timeout=30)  # every line it logged has been read
             step = preempted["emergency_step"]
-            preempted["no_steps_lost"] = any(f"step {step}" in line for line in job.lossless)
+            preempted["no_steps_lost"] = any(re.search(rf"\bstep {step}\b", line)  # not 240
+                                             for line in job.lossless)
         if rc == 0:
             return {"kills": done_kills, "relaunches": relaunches, "replayed_steps": replayed,
                     "sigterm": preempted}
