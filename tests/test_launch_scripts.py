@@ -148,3 +148,13 @@ def test_multinode_under_slurm_checkpoints_and_exits_75_on_sigusr1(tmp_path: Pat
     assert again.returncode == 0, again.stderr[-3000:]
     assert "no steps are lost" in again.stderr or "0 steps are replayed" in again.stderr, (
         again.stderr[-3000:])
+
+
+def test_setup_refuses_an_unknown_installer_before_it_creates_anything(tmp_path: Path) -> None:
+    """``INSTALLER`` is checked first: a typo exits 2 with one line, and no environment is
+    created (setup.sh itself runs in CI, from a fresh clone, with uv)."""
+    venv = tmp_path / "venv"
+    proc = run_script("setup.sh", "test", INSTALLER="pipx", VENV=str(venv))
+    assert proc.returncode == 2
+    assert proc.stderr == "setup.sh: INSTALLER must be uv or pip, not 'pipx'\n"
+    assert not venv.exists()
