@@ -56,19 +56,20 @@ if [ "$INSTALLER" = uv ]; then
         INSTALLER=pip
     fi
 fi
-# a few packages ship files that do not compile (templates, other Python versions' code); pip
-# skips them the same way, so compileall's exit status is not an error
 if [ "$INSTALLER" = uv ]; then
-    # torch is already there and satisfies the package's requirement, so uv keeps it
+    # torch is already there and satisfies the package's requirement, so uv keeps it; uv
+    # byte-compiles what it installs, in parallel and faster than compileall below
     echo "+ $VENV/bin/uv pip install --quiet --python $VENV/bin/python --compile-bytecode -e $target"
     "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --compile-bytecode -e "$target"
-    # uv compiles what it installed; torch came from pip with --no-compile
-    echo "+ $VENV/bin/python -m compileall -q -j 0 <site-packages>/torch"
-    "$VENV/bin/python" -m compileall -q -j 0 "$purelib/torch" >/dev/null 2>&1 || true
 else
     echo "+ ${PIP[*]} -e $target"
     "${PIP[@]}" -e "$target"
-    echo "+ $VENV/bin/python -m compileall -q -j 0 <site-packages>"
-    "$VENV/bin/python" -m compileall -q -j 0 "$purelib" >/dev/null 2>&1 || true
 fi
+# what pip installed (torch and its dependencies: sympy, networkx, ...) is not compiled yet;
+# compileall skips every file that already has its .pyc. Without them each process compiles
+# sympy and the rest in memory again (PYTHONDONTWRITEBYTECODE=1 machines never write them).
+# A few packages ship files that do not compile (templates, other Python versions' code); pip
+# skips them the same way, so compileall's exit status is not an error.
+echo "+ $VENV/bin/python -m compileall -q -j 0 <site-packages>"
+"$VENV/bin/python" -m compileall -q -j 0 "$purelib" >/dev/null 2>&1 || true
 echo "distrib is installed in $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
