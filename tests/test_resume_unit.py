@@ -111,8 +111,11 @@ def test_a_notice_in_a_new_workers_first_moments(context: str) -> None:
     assert report["notice"] is True
     if context == "distrib":
         assert report == {"items": 64, "notice": True}, out.stderr[-2000:]
-    else:
-        assert "exited unexpectedly" in report["error"]
+    else:  # the worker died of the SIGTERM; torch says so one of two ways, depending on whether
+        # its SIGCHLD check or the failed read from the dead worker notices first
+        assert "DataLoader worker" in report["error"], report
+        assert ("exited unexpectedly" in report["error"]
+                or "is killed by signal: Terminated" in report["error"]), report
 
 
 @pytest.mark.slow
