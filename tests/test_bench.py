@@ -17,16 +17,16 @@ FIGURE_KEYS = {"number", "title", "ratio", "goal", "goal_value", "pass", "min", 
                "ratios", "sizes", "details", "problem"}
 
 
-def _bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+def _bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str, str]:
     out = tmp_path / "bench.json"
     proc = run_cli([*BENCH, *TINY, "--dir", str(tmp_path), "--json", str(out), *args],
                    cwd=tmp_path, env=base_env(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(tmp_path.iterdir()) == [out], "the scratch folder is left behind"
-    return json.loads(out.read_text()), proc.stdout
+    return json.loads(out.read_text()), proc.stdout, proc.stderr
 
 
-def _check(result: dict[str, Any], table: str, numbers: list[int]) -> None:
+def _check(result: dict[str, Any], table: str, numbers: list[int], stderr: str = "") -> None:
     env = result["environment"]
     assert {"torch", "cores", "storage", "storage_path"} <= set(env)
     assert [f["number"] for f in result["figures"]] == numbers
@@ -34,7 +34,7 @@ def _check(result: dict[str, Any], table: str, numbers: list[int]) -> None:
     assert len(lines) == 1 + len(numbers)  # a header and one row per figure
     for f, line in zip(result["figures"], lines[1:]):
         assert FIGURE_KEYS <= set(f), f
-        assert f["problem"] == "", f["problem"]
+        assert f["problem"] == "", stderr[-6000:]
         assert f["ratios"] and f["min"] <= f["ratio"] <= f["max"]
         assert f["goal"].split()[0] in (">=", "<=")
         cells = line.replace("|", " ").split()  # a text or a Markdown row
@@ -44,8 +44,8 @@ def _check(result: dict[str, Any], table: str, numbers: list[int]) -> None:
 
 @pytest.mark.slow
 def test_quick_in_process_figures(tmp_path: Path) -> None:
-    result, table = _bench(tmp_path, "--only", "1,2,3,7,8,13,14,15,16")
-    _check(result, table, [1, 2, 3, 7, 8, 13, 14, 15, 16])
+    result, table, err = _bench(tmp_path, "--only", "1,2,3,7,8,13,14,15,16")
+    _check(result, table, [1, 2, 3, 7, 8, 13, 14, 15, 16], err)
     for scale in (result["figures"][4], result["figures"][-1]):  # 8 and 16: fitted over 3 sizes
         assert len(scale["sizes"]["sizes_mb"]) == 3
     dcp = result["figures"][5]["details"]  # 13-15: both sides timed in every repetition
@@ -54,8 +54,8 @@ def test_quick_in_process_figures(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_training_job_figures(tmp_path: Path) -> None:
-    result, table = _bench(tmp_path, "--only", "4,5,6,9", "--markdown")
-    _check(result, "\n".join(table.strip().splitlines()[1:]), [4, 5, 6, 9])  # minus |---|
+    result, table, err = _bench(tmp_path, "--only", "4,5,6,9", "--markdown")
+    _check(result, "\n".join(table.strip().splitlines()[1:]), [4, 5, 6, 9], err)  # minus |---|
     assert table.startswith("| # | figure |")
     same = result["figures"][1]["details"]["losses_equal_to_5_decimals"]
     assert same is True

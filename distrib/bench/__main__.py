@@ -104,9 +104,10 @@ def run(chosen: Sequence[int], settings: Settings,
         try:
             new = measure()
         except Exception as exc:  # one broken figure must not lose the others' results
-            first = (str(exc).strip().splitlines() or [""])[0]
-            problem = f"error: {type(exc).__name__}: {first}"
-            print(f"figures {numbers}: {problem}", file=sys.stderr)
+            lines = str(exc).strip().splitlines() or [""]
+            problem = f"error: {type(exc).__name__}: {lines[0]}"
+            # the table keeps the first line; the whole error (a job's stderr) goes to stderr
+            print(f"figures {numbers}: {problem}", *lines[1:], sep="\n", file=sys.stderr)
             new = [figure(n, [], problem=problem) for n in numbers]
         for f in new:
             if f.number in chosen:
