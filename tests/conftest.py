@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -13,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -49,6 +50,28 @@ def free_port() -> int:
         # a session's own offset: two suites running at once on one machine rarely meet
         _ports = _PortBlock(20000 + 2000 * (index % 6) + os.getpid() % 1000)
     return next(_ports)
+
+
+class Running(Protocol):
+    """A started job: its launcher process and its output so far."""
+
+    proc: subprocess.Popen[Any]
+
+    def text(self) -> str: ...
+
+
+def wait_listening(port: int, job: Running, timeout: float = 60) -> None:
+    """Wait until something accepts connections on the loopback ``port``: the c10d rendezvous
+    store of the torchrun agent ``job``. Start the other agents of a multi-node job only then.
+    Every agent here runs on 127.0.0.1, so each may host the store, and the first to bind its
+    port does; a fixed head start for the first agent is not enough on a loaded machine, and
+    the job then fails when the test kills the agent that turned out to host it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        assert time.monotonic() < deadline and job.proc.poll() is None, job.text()[-3000:]
+        time.sleep(0.05)
 
 
 class _PortBlock:

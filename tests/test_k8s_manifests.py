@@ -24,7 +24,7 @@ import pytest
 from distrib import exitcodes
 from distrib.config import Config
 
-from .conftest import REPO, base_env, chaos, free_port
+from .conftest import REPO, base_env, chaos, free_port, wait_listening
 
 yaml = pytest.importorskip("yaml")
 K8S = REPO / "k8s"
@@ -464,6 +464,10 @@ class LocalCluster:
     def rendezvous_address(self) -> str:
         return next(iter(self.hosts.values()))
 
+    def wait_rendezvous(self, pod: Pod) -> None:
+        """Wait until ``pod``'s agent hosts the rendezvous store (pod 0 of an indexed Job)."""
+        wait_listening(int(self.rendezvous_address().rsplit(":", 1)[1]), pod)
+
     @staticmethod
     def wait_first_step(pods: list[Pod], timeout: float = 120) -> None:
         wait_for(lambda: any(chaos.FIRST_STEP in p.text() for p in pods), pods, timeout)
@@ -510,7 +514,7 @@ def test_the_indexed_jobs_command_runs_as_two_local_pods_and_survives_losing_one
 
     def start_both(attempt: str) -> list[Pod]:
         started = [cluster.start(f"pod-0{attempt}", 8000, *workers, JOB_COMPLETION_INDEX="0")]
-        time.sleep(1.0)  # pod 0 first: its agent hosts the c10d rendezvous store
+        cluster.wait_rendezvous(started[0])  # pod 0 first: its agent hosts the store
         started.append(cluster.start(f"pod-1{attempt}", 8000, *workers,
                                      JOB_COMPLETION_INDEX="1"))
         cluster.wait_first_step(started)
@@ -566,7 +570,7 @@ def test_the_pytorchjobs_command_runs_elastically_on_the_operators_pet_variables
         "PET_NPROC_PER_NODE": spec["nprocPerNode"],
     }
     pods = [cluster.start("worker-0", 8000, **operator_env)]
-    time.sleep(1.0)
+    wait_listening(int(operator_env["PET_RDZV_ENDPOINT"].rsplit(":", 1)[1]), pods[0])
     pods.append(cluster.start("worker-1", 8000, **operator_env))
     cluster.wait_first_step(pods)
     time.sleep(1.0)

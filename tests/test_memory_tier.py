@@ -27,7 +27,7 @@ from distrib.checkpoint.storage import LocalStorage
 from distrib.checkpoint.store import CheckpointStore, CorruptCheckpoint
 from distrib.records.events import estimate_mtbf, observed_failures
 
-from .conftest import REPO, LoggedJob, free_port
+from .conftest import REPO, LoggedJob, free_port, wait_listening
 from .test_own_loop import _loop
 from .test_resume_e2e import ENV, JOB, assert_identical, export, launch, rank_pid
 
@@ -349,7 +349,7 @@ def test_a_replaced_node_gets_the_state_from_its_peer(tmp_path: Path) -> None:
                                             "--memory-dir", str(shm)]), tmp_path / log)
 
     host = agent(tmp_path / "shm-host", "host.log")
-    time.sleep(1.0)
+    wait_listening(port, host)  # the host's agent holds the rendezvous store: the other is lost
     other = agent(tmp_path / "shm-other", "other.log")
     deadline = time.monotonic() + 120
     while max(_snapshot_steps(tmp_path / "shm-other"), default=0) < 40:

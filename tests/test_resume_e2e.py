@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from .conftest import JOB_ENV, REPO, LoggedJob, chaos, free_port, run_cli
+from .conftest import JOB_ENV, REPO, LoggedJob, chaos, free_port, run_cli, wait_listening
 
 pytestmark = pytest.mark.slow
 
@@ -61,17 +59,6 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"not bit-identical: {differ}"
-
-
-def wait_listening(port: int, job: Job, timeout: float = 60) -> None:
-    """Wait until something accepts connections on the loopback ``port`` (the rendezvous store
-    of the agent ``job``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        assert time.monotonic() < deadline and job.proc.poll() is None, job.text()[-3000:]
-        time.sleep(0.05)
 
 
 def rank_pid(job: Job, rank: int) -> int:
