@@ -34,7 +34,7 @@ def _check(result: dict[str, Any], table: str, numbers: list[int], stderr: str =
     assert len(lines) == 1 + len(numbers)  # a header and one row per figure
     for f, line in zip(result["figures"], lines[1:]):
         assert FIGURE_KEYS <= set(f), f
-        assert f["problem"] == "", stderr[-6000:]
+        assert f["problem"] == "", stderr[-10000:]
         assert f["ratios"] and f["min"] <= f["ratio"] <= f["max"]
         assert f["goal"].split()[0] in (">=", "<=")
         cells = line.replace("|", " ").split()  # a text or a Markdown row

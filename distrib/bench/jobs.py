@@ -54,7 +54,7 @@ def run_worker(settings: Settings, scenario: str, args: dict[str, Any],
                           env=job_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not os.path.exists(out):
         raise RuntimeError(f"benchmark job {scenario!r} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
+                           f"{proc.stderr[-8000:]}")
     with open(out) as fh:
         return dict(json.load(fh))
 
