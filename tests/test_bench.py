@@ -26,7 +26,7 @@ def _bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str, str]:
     return json.loads(out.read_text()), proc.stdout, proc.stderr
 
 
-def _check(result: dict[str, Any], table: str, numbers: list[int], stderr: str = "") -> None:
+def _check(result: dict[str, Any], table: str, numbers: list[int], stderr: str) -> None:
     env = result["environment"]
     assert {"torch", "cores", "storage", "storage_path"} <= set(env)
     assert [f["number"] for f in result["figures"]] == numbers

@@ -436,8 +436,8 @@ class LocalCluster:
         self.etc.mkdir()
         for key, value in config_maps[volume["configMap"]["name"]].items():
             (self.etc / key).write_text(value)
-        port = free_port()
-        self.hosts = {h: f"127.0.0.1:{port}" for h in hosts}
+        self.port = free_port()  # the rendezvous store's (the first pod's agent hosts it)
+        self.hosts = {h: f"127.0.0.1:{self.port}" for h in hosts}
 
     # Test speed only: a lost pod drops out of the rendezvous after 3 s without a heartbeat
     # (torchrun's default: 15 s), and an elastic group admits late pods 3 s after reaching its
@@ -461,12 +461,9 @@ class LocalCluster:
                  *extra_args]
         return Pod(local + train, env, self.tmp / f"{name}.log")
 
-    def rendezvous_address(self) -> str:
-        return next(iter(self.hosts.values()))
-
     def wait_rendezvous(self, pod: Pod) -> None:
-        """Wait until ``pod``'s agent hosts the rendezvous store (pod 0 of an indexed Job)."""
-        wait_listening(int(self.rendezvous_address().rsplit(":", 1)[1]), pod)
+        """Wait until ``pod``'s agent hosts the rendezvous store on :attr:`port`."""
+        wait_listening(self.port, pod)
 
     @staticmethod
     def wait_first_step(pods: list[Pod], timeout: float = 120) -> None:
@@ -564,13 +561,13 @@ def test_the_pytorchjobs_command_runs_elastically_on_the_operators_pet_variables
     operator_env = {  # what the training operator sets in every Worker pod (elastic mode)
         "PET_NNODES": f"{elastic['minReplicas']}:{elastic['maxReplicas']}",
         "PET_RDZV_BACKEND": elastic["rdzvBackend"],
-        "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{cluster.port}",
         "PET_RDZV_ID": cluster.workload["metadata"]["name"],
         "PET_MAX_RESTARTS": str(elastic["maxRestarts"]),
         "PET_NPROC_PER_NODE": spec["nprocPerNode"],
     }
     pods = [cluster.start("worker-0", 8000, **operator_env)]
-    wait_listening(int(operator_env["PET_RDZV_ENDPOINT"].rsplit(":", 1)[1]), pods[0])
+    cluster.wait_rendezvous(pods[0])  # worker-0 first: its agent hosts the store
     pods.append(cluster.start("worker-1", 8000, **operator_env))
     cluster.wait_first_step(pods)
     time.sleep(1.0)
