@@ -138,13 +138,19 @@ def test_a_worker_deadlocked_in_fork_is_started_again(context: str) -> None:
 
 
 @pytest.mark.slow
-def test_data_loader_workers_die_with_their_rank() -> None:
+@pytest.mark.parametrize("moment", ["running", "early"])
+def test_data_loader_workers_die_with_their_rank(moment: str) -> None:
     """A rank SIGKILLed with two data-loader workers: distrib's workers are killed by the kernel
     with it. A forked worker holds copies of the rank's gloo sockets, so the other ranks learn of
     the death only when the last worker is gone: torchrun restarted such a group 9.0 s after the
     kill instead of 3.8 s. Torch's own workers end by themselves once its watchdog notices the
-    orphan ("exit 0", after up to 5 s; under pytest-xdist they were not seen to end at all)."""
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "orphan_workers.py")], cwd=REPO,
+    orphan ("exit 0", after up to 5 s; under pytest-xdist they were not seen to end at all).
+
+    ``early``: the rank dies before its workers have run their ``worker_init_fn``. When the
+    workers read their parent's PID only there, they took init (or a subreaper) for their rank
+    and ran on for good (seen as a streaming example's worker still alive after its test)."""
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "orphan_workers.py")]
+                         + (["early"] if moment == "early" else []), cwd=REPO,
                          env=base_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["signal 9", "signal 9"]

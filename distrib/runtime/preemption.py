@@ -106,7 +106,7 @@ def detach_worker_process() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _GROUP_SIGNALS)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int | None = None) -> None:
     """Linux: have the kernel SIGKILL this process when the thread that started it ends.
 
     A forked data-loader worker holds copies of its rank's sockets, the process group's gloo
@@ -116,12 +116,19 @@ def _die_with_parent() -> None:
     per rank, 3.8 s with none). A worker started by the rank's main thread (the loader's
     iterator) dies with the rank instead. If its parent ended while this was being set up, the
     worker leaves now.
+
+    ``parent``: the PID of the process that forked this one, as that process knew it before the
+    fork (:func:`worker_context` passes the rank's). Without it the parent is read here, which
+    cannot tell a parent that has already ended: the worker would then wait forever (torch's
+    watchdog, too, takes the PID it finds at start for its rank's).
     """
     if not sys.platform.startswith("linux"):
         return
-    # the process that started this one: the rank, or its fork server (which ends with it); not
-    # multiprocessing.parent_process(), which names the rank even when a fork server forked it
-    parent = os.getppid()
+    if parent is None:
+        # the process that started this one: the rank, or its fork server (which ends with it);
+        # not multiprocessing.parent_process(), which names the rank even when a fork server
+        # forked it
+        parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
@@ -153,6 +160,10 @@ def worker_context() -> multiprocessing.context.BaseContext:
     never runs and the rank waits for it forever (seen once in CI as a 300 s hang). So with the
     ``fork`` start method each worker reports through a pipe that it reached Python code; one
     that has not after :data:`WORKER_START_TIMEOUT_S` is SIGKILLed and forked again.
+
+    A forked worker is also bound to its rank's life from its first line of Python, with the
+    rank's PID as the rank knew it (:func:`_die_with_parent`): one whose rank was SIGKILLed
+    before its ``worker_init_fn`` ran would otherwise take init for its rank and never end.
     """
     base = multiprocessing.get_context()
     if not hasattr(signal, "pthread_sigmask"):
@@ -161,6 +172,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
     class Process(base.Process):  # type: ignore[name-defined, misc]
         _started_fds: tuple[int, int] | None = None
+        _forked_by = 0  # the rank's PID, taken before the fork
 
         def start(self) -> None:
             held = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
@@ -179,7 +191,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
         def _start_and_confirm(self, last: bool) -> bool:
             read, write = os.pipe()
-            self._started_fds = (read, write)
+            self._started_fds, self._forked_by = (read, write), os.getpid()
             call = vars(self).get("_target"), vars(self).get("_args"), vars(self).get("_kwargs")
             try:
                 super().start()  # which drops the target and arguments
@@ -202,6 +214,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
         def run(self) -> None:
             if self._started_fds is not None:  # the child: tell the rank it is alive
+                _die_with_parent(self._forked_by)  # from its first line, not its init_fn's
                 read, write = self._started_fds
                 os.close(read)
                 os.write(write, b"1")
